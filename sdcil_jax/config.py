@@ -1,0 +1,250 @@
+"""The configuration schema: every hyperparameter, its default, its type and its allowed values.
+
+Configs are ``ml_collections.ConfigDict`` trees built from :func:`base_config`. Config files in
+``configs/`` start from it and change values; command-line overrides ``--config.a.b=v`` change one leaf.
+:func:`validate` refuses unknown keys, wrong types and values outside their allowed set *before any work
+starts*, with one sentence that lists the valid keys or values.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from sdcil_jax.errors import ConfigError
+
+# Keys whose value may take more than one type (the default's type is always accepted too).
+_EXTRA_TYPES: dict[str, tuple[type, ...]] = {
+    "scenario.class_order": (str, list, tuple),
+    "generation.prompt_templates": (list, tuple),
+}
+
+# Keys restricted to a set of values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method.name": ("finetune", "joint", "replay"),
+    "memory.selection": ("herding", "random"),
+    "synthetic.use_in": ("none", "distillation", "classification", "both"),
+    "generation.backend": ("sd", "tiny_sd", "real_holdout"),
+    "generation.dtype": ("bfloat16", "float32", "float16"),
+    "model.name": ("resnet_digits",),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the library reads, with its default (PODNet-like CIFAR100 values where they apply)."""
+    c = ml_collections.ConfigDict(type_safe=False)
+    c.seed = 0
+
+    c.dataset = dict(
+        name="cifar100",  # 'digits' (embedded, offline) or any prepared tfds image classification set
+        data_dir="",  # tfds data dir; '' = TFDS_DATA_DIR or ~/tensorflow_datasets
+        holdout_per_class=0,  # real training images per class kept out of training (real_holdout pool)
+    )
+    c.scenario = dict(
+        initial_increment=50,
+        increment=10,
+        class_order="identity",  # 'identity', a named order (see data.class_orders) or a list of ids
+        max_tasks=0,  # 0 = run every task
+    )
+    c.method = dict(name="replay")
+    c.memory = dict(per_class=20, selection="herding")
+    c.synthetic = dict(
+        use_in="none",
+        per_class=500,  # synthetic images per old class used in training
+        batch_size=0,  # 0 = train.batch_size
+        replace_memory=False,  # use synthetic images as the exemplar memory instead of real ones
+    )
+    c.generation = dict(
+        backend="sd",
+        model="CompVis/stable-diffusion-v1-4",  # hub id or local folder
+        revision="flax",
+        dtype="bfloat16",
+        guidance_scale=2.0,
+        num_inference_steps=50,
+        resolution=512,
+        prompt_templates=["a photo of a {}"],
+        per_class=500,
+        batch_per_device=4,
+        store_dir="",  # '' = <workdir>/replay_store
+        preview_per_class=4,
+    )
+    c.model = dict(name="resnet_digits", width=16)
+    c.train = dict(
+        epochs=160,
+        batch_size=128,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        eval_batch_size=512,
+    )
+    return c
+
+
+def _leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_leaves(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def valid_keys() -> list[str]:
+    return sorted(_leaves(base_config()))
+
+
+def _type_ok(key: str, value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    allowed = (type(default),) + _EXTRA_TYPES.get(key, ())
+    return isinstance(value, allowed)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check keys, types and choices against :func:`base_config`; raise :class:`ConfigError`."""
+    schema = _leaves(base_config())
+    given = _leaves(config)
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        raise ConfigError(
+            f"Unknown config key(s) {', '.join(unknown)}; valid keys are: {', '.join(sorted(schema))}."
+        )
+    missing = sorted(set(schema) - set(given))
+    if missing:
+        raise ConfigError(
+            f"Config is missing key(s) {', '.join(missing)}; build configs from "
+            "sdcil_jax.config.base_config() so every key has a default."
+        )
+    for key, value in given.items():
+        if not _type_ok(key, value, schema[key]):
+            raise ConfigError(
+                f"Config key {key} must be of type {type(schema[key]).__name__}, "
+                f"got {value!r} ({type(value).__name__}); fix the value in the config or override."
+            )
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(
+                f"Config key {key}={value!r} is not one of {', '.join(CHOICES[key])}; pick one of those."
+            )
+    _check_ranges(config)
+    return config
+
+
+def _check_ranges(c: ml_collections.ConfigDict) -> None:
+    positive = [
+        "train.epochs", "train.batch_size", "train.eval_batch_size", "generation.num_inference_steps",
+        "generation.resolution", "generation.batch_per_device", "generation.per_class",
+        "scenario.initial_increment", "scenario.increment", "model.width",
+    ]
+    for key in positive:
+        section, name = key.split(".")
+        if c[section][name] <= 0:
+            raise ConfigError(f"Config key {key} must be positive, got {c[section][name]!r}.")
+    non_negative = ["memory.per_class", "synthetic.per_class", "synthetic.batch_size",
+                    "scenario.max_tasks", "dataset.holdout_per_class", "generation.preview_per_class"]
+    for key in non_negative:
+        section, name = key.split(".")
+        if c[section][name] < 0:
+            raise ConfigError(f"Config key {key} must be >= 0, got {c[section][name]!r}.")
+    if c.train.lr <= 0:
+        raise ConfigError(f"Config key train.lr must be positive, got {c.train.lr!r}.")
+    if c.generation.resolution % 8:
+        raise ConfigError(
+            f"generation.resolution={c.generation.resolution} must be a multiple of 8 "
+            "(Stable Diffusion works on 8x down-sampled latents)."
+        )
+    for tpl in c.generation.prompt_templates:
+        if not isinstance(tpl, str) or "{}" not in tpl:
+            raise ConfigError(
+                f"generation.prompt_templates entry {tpl!r} must be a string containing '{{}}' "
+                "where the class name goes."
+            )
+    if c.synthetic.use_in != "none" and c.synthetic.per_class > c.generation.per_class:
+        raise ConfigError(
+            f"synthetic.per_class={c.synthetic.per_class} exceeds generation.per_class="
+            f"{c.generation.per_class}; generate more images or use fewer."
+        )
+    if c.generation.backend == "real_holdout" and c.dataset.holdout_per_class < c.generation.per_class:
+        raise ConfigError(
+            f"generation.backend=real_holdout needs dataset.holdout_per_class >= generation.per_class "
+            f"(got {c.dataset.holdout_per_class} < {c.generation.per_class}); raise the holdout or "
+            "lower generation.per_class."
+        )
+
+
+def parse_override_value(text: str) -> Any:
+    """Parse a command-line value: Python literals (1, 0.5, True, [1, 2]) or a bare string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Apply ``a.b=value`` overrides in place; unknown keys raise :class:`ConfigError`."""
+    schema = _leaves(base_config())
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r} must look like --config.section.key=value.")
+        key, text = item.split("=", 1)
+        if key not in schema:
+            raise ConfigError(
+                f"Unknown config key {key} in override; valid keys are: {', '.join(sorted(schema))}."
+            )
+        value = parse_override_value(text)
+        default = schema[key]
+        if isinstance(default, str) and not isinstance(value, str) and key not in _EXTRA_TYPES:
+            value = text  # e.g. --config.dataset.name=123 stays a string
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        section, name = key.split(".") if "." in key else (None, key)
+        if section is None:
+            config[name] = value
+        else:
+            config[section][name] = value
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Load ``path.py`` or ``path.py:arg`` and call its ``get_config()`` / ``get_config(arg)``."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file {path} does not exist; pass e.g. --config configs/quickstart.py.")
+    module_spec = importlib.util.spec_from_file_location("sdcil_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # a user's config file: report it in one line
+        raise ConfigError(f"Config file {path} failed to load ({exc}); fix the file.") from exc
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"Config file {path} defines no get_config(); add one returning a ConfigDict.")
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except TypeError as exc:
+        raise ConfigError(f"Config file {path}: get_config() rejected argument {arg!r} ({exc}).") from exc
+    return config
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Plain JSON-able dict (tuples become lists)."""
+    return _json_ready(config.to_dict())
+
+
+def _json_ready(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    return obj
