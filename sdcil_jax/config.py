@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
         momentum=0.9,
         weight_decay=5e-4,
         eval_batch_size=512,
+        crop_padding=0,  # random crop after zero padding (4 for CIFAR); 0 disables
+        flip=False,  # random horizontal flip
+        brightness=0.0,  # additive brightness jitter (63/255 for CIFAR); 0 disables
     )
     return c
 
@@ -151,7 +154,9 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
         if c[section][name] <= 0:
             raise ConfigError(f"Config key {key} must be positive, got {c[section][name]!r}.")
     non_negative = ["memory.per_class", "synthetic.per_class", "synthetic.batch_size",
-                    "scenario.max_tasks", "dataset.holdout_per_class", "generation.preview_per_class"]
+                    "scenario.max_tasks", "dataset.holdout_per_class", "generation.preview_per_class",
+                    "train.crop_padding", "train.brightness", "train.weight_decay",
+                    "train.momentum"]
     for key in non_negative:
         section, name = key.split(".")
         if c[section][name] < 0:

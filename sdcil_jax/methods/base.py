@@ -1,0 +1,66 @@
+"""The method interface: what a CIL method contributes to the generic trainer.
+
+A method owns its classifier head (init, growth, apply), its loss on one mixed real+synthetic batch
+(with per-sample classification and distillation masks), its choice of real training data per task and
+its task hooks. The trainer (``sdcil_jax.runner``) and the step (``sdcil_jax.train``) know nothing else
+about it, so adding a method is one file plus one registry entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """Static facts about the task being trained (compile-time constants of its step)."""
+
+    task: int
+    num_old: int  # classes seen before this task
+    num_new: int  # classes introduced by this task
+
+    @property
+    def num_seen(self) -> int:
+        return self.num_old + self.num_new
+
+
+class Method:
+    """Base class; subclasses set the flags and override the hooks they need."""
+
+    name = "base"
+    uses_memory = True  # keeps an exemplar memory of real (or synthetic) images
+    needs_old_model = False  # the step receives the previous task's frozen model
+    has_distillation = False  # synthetic.use_in=distillation/both only makes sense if True
+
+    def __init__(self, config, info: TaskInfo):
+        self.config = config
+        self.info = info
+
+    # ---- head -------------------------------------------------------------------------------------
+    def init_head(self, key: jax.Array, feat_dim: int, num_classes: int) -> Any:
+        raise NotImplementedError
+
+    def grow_head(self, head: Any, key: jax.Array, num_new: int, new_class_feats=None) -> Any:
+        raise NotImplementedError
+
+    def head_apply(self, head: Any, feats: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    # ---- data -------------------------------------------------------------------------------------
+    def real_indices(self, new_idx: np.ndarray, memory_idx: np.ndarray,
+                     seen_idx: np.ndarray) -> np.ndarray:
+        """Indices into the task's pool that form the real stream (one epoch = one pass)."""
+        return np.concatenate([new_idx, memory_idx]) if self.uses_memory else new_idx
+
+    # ---- loss -------------------------------------------------------------------------------------
+    def loss(self, params, out, old_out, labels, cls_mask, dist_mask):
+        """Scalar loss and a dict of scalar metrics for one batch (pure, traced under jit)."""
+        raise NotImplementedError
+
+    def transform_grads(self, grads):
+        """Hook to clip or freeze gradients before the optimizer (identity by default)."""
+        return grads

@@ -1,0 +1,154 @@
+"""The functional training step: ``(state, batch indices, key) -> (state, metrics)``.
+
+The whole (small) training pool of a task lives on the devices as uint8 (``pool_x``, replicated) with
+its incremental labels (``pool_y``). A step receives the global batch of *real* indices (sharded over
+the ``data`` mesh axis) and, when synthetic data is on, draws the *synthetic* batch uniformly from the
+pool's synthetic range ``[synth_lo, synth_hi)`` inside the step, so no image crosses the host boundary
+during training. Both batches go through one forward pass with per-sample masks:
+
+* ``cls_mask``: the sample feeds the classification loss;
+* ``dist_mask``: the sample feeds the distillation losses.
+
+The method (``sdcil_jax.methods``) supplies the head and the loss; this module is method-agnostic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from sdcil_jax import augment as aug_lib
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during a task. ``params = {'backbone': ..., 'head': ...}``."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static (compile-time) settings of a task's step."""
+
+    real_batch: int
+    synth_batch: int  # 0 = no synthetic stream
+    synth_in_cls: bool
+    synth_in_dist: bool
+    crop_padding: int
+    flip: bool
+    brightness: float
+
+
+def make_optimizer(lr: float, momentum: float, weight_decay: float,
+                   total_steps: int) -> optax.GradientTransformation:
+    """SGD with momentum, coupled weight decay (as torch.optim.SGD) and a cosine schedule.
+
+    update = -lr_t * m_t,  m_t = momentum * m_{t-1} + (g_t + weight_decay * w),
+    lr_t = lr * (1 + cos(pi * t / total_steps)) / 2.
+    """
+    schedule = optax.cosine_decay_schedule(lr, max(total_steps, 1))
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(schedule, momentum=momentum if momentum > 0 else None),
+    )
+
+
+def init_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params))
+
+
+def forward(backbone: flax.linen.Module, head_apply: Callable, params, batch_stats, images,
+            train: bool):
+    """Backbone + head. Returns (outputs dict with 'maps', 'features', 'logits'; new batch_stats)."""
+    variables = {"params": params["backbone"], "batch_stats": batch_stats}
+    if train:
+        out, mutated = backbone.apply(variables, images, train=True, mutable=["batch_stats"])
+        new_stats = mutated["batch_stats"]
+    else:
+        out = backbone.apply(variables, images, train=False)
+        new_stats = batch_stats
+    out = dict(out)
+    out["logits"] = head_apply(params["head"], out["features"])
+    return out, new_stats
+
+
+def make_train_step(backbone, method, tx: optax.GradientTransformation, cfg: StepConfig,
+                    mean: jax.Array, std: jax.Array, data_sharding=None):
+    """Build the pure step for one task; jit it with the state donated.
+
+    Returned signature::
+
+        step(state, old_vars, pool_x, pool_y, real_idx, synth_lo, synth_hi, task_key)
+          -> (state, metrics)
+
+    ``old_vars`` is the frozen previous model ({'params', 'batch_stats'}) or None.
+    """
+
+    def step(state: TrainState, old_vars, pool_x, pool_y, real_idx, synth_lo, synth_hi, task_key):
+        key = jax.random.fold_in(task_key, state.step)
+        k_aug, k_syn = jax.random.split(key)
+        x = pool_x[real_idx]
+        y = pool_y[real_idx]
+        n_real = real_idx.shape[0]
+        cls_mask = jnp.ones((n_real,), jnp.float32)
+        dist_mask = jnp.ones((n_real,), jnp.float32)
+        if cfg.synth_batch > 0:
+            s_idx = jax.random.randint(k_syn, (cfg.synth_batch,), synth_lo, synth_hi)
+            x = jnp.concatenate([x, pool_x[s_idx]])
+            y = jnp.concatenate([y, pool_y[s_idx]])
+            cls_mask = jnp.concatenate(
+                [cls_mask, jnp.full((cfg.synth_batch,), float(cfg.synth_in_cls), jnp.float32)])
+            dist_mask = jnp.concatenate(
+                [dist_mask, jnp.full((cfg.synth_batch,), float(cfg.synth_in_dist), jnp.float32)])
+        if data_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, data_sharding)
+        images = aug_lib.augment(x.astype(jnp.float32) / 255.0, k_aug, crop_padding=cfg.crop_padding,
+                                 flip=cfg.flip, brightness=cfg.brightness)
+        images = (images - mean) / std
+
+        old_out = None
+        if old_vars is not None and method.needs_old_model:
+            old_out, _ = forward(backbone, method.head_apply, old_vars["params"],
+                                 old_vars["batch_stats"], images, train=False)
+            old_out = jax.lax.stop_gradient(old_out)
+
+        def loss_fn(params):
+            out, new_stats = forward(backbone, method.head_apply, params, state.batch_stats,
+                                     images, train=True)
+            loss, metrics = method.loss(params, out, old_out, y, cls_mask, dist_mask)
+            return loss, (new_stats, metrics)
+
+        (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        grads = method.transform_grads(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                                  opt_state=opt_state)
+        metrics = dict(metrics, loss=loss)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_fn(backbone, head_apply: Callable, mean: jax.Array, std: jax.Array):
+    """``eval_fn(params, batch_stats, images_u8) -> (logits, features)`` in inference mode."""
+
+    def eval_fn(params, batch_stats, images_u8):
+        images = (images_u8.astype(jnp.float32) / 255.0 - mean) / std
+        out, _ = forward(backbone, head_apply, params, batch_stats, images, train=False)
+        return out["logits"], out["features"]
+
+    return eval_fn

@@ -1,0 +1,140 @@
+"""One task of class-incremental training: epochs over the real stream, evaluation, memory update.
+
+The host only decides *which* pool indices form each real batch (a seeded permutation per epoch);
+images, augmentation and the synthetic batch stay on the devices (see ``sdcil_jax.train``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from sdcil_jax import evaluate as ev
+from sdcil_jax import parallel
+from sdcil_jax import train as train_lib
+from sdcil_jax.data import herding_select, random_select
+
+
+@dataclasses.dataclass
+class TaskPool:
+    """The images a task may touch, as one uint8 array: real training images, then synthetic ones.
+
+    ``labels`` are incremental labels (-1 for classes outside the scenario); the synthetic part is
+    ``[synth_lo, synth_hi)``.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    synth_lo: int
+    synth_hi: int
+
+
+def epoch_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A shuffled epoch as (steps, batch_size) indices; the last batch wraps around the permutation.
+
+    steps = ceil(len(indices) / batch_size); every index appears at least once per epoch.
+    """
+    perm = indices[rng.permutation(len(indices))]
+    steps = max(1, -(-len(perm) // batch_size))
+    need = steps * batch_size
+    reps = -(-need // len(perm))
+    return np.tile(perm, reps)[:need].reshape(steps, batch_size)
+
+
+def run_epochs(*, step_fn, state, old_vars, pool_dev, real_indices: np.ndarray, epochs: int,
+               batch_size: int, synth_bounds: tuple[int, int], task_key, mesh, seed: int, task: int,
+               desc: str, log_fn=None, progress: bool = True):
+    """Run ``epochs`` passes over ``real_indices`` with ``step_fn``; returns the final state.
+
+    Metrics of each epoch (means over its steps) are passed to ``log_fn(epoch, metrics)``.
+    """
+    sharding = parallel.batch_sharded(mesh)
+    lo = jnp.asarray(synth_bounds[0], jnp.int32)
+    hi = jnp.asarray(max(synth_bounds[1], synth_bounds[0] + 1), jnp.int32)
+    steps_per_epoch = max(1, -(-len(real_indices) // batch_size))
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    for epoch in range(epochs):
+        rng = np.random.default_rng([seed, task, epoch])
+        batches = epoch_batches(real_indices, batch_size, rng)
+        sums: dict[str, Any] = {}
+        for row in batches:
+            idx = parallel.put_global(row.astype(np.int32), sharding)
+            state, metrics = step_fn(state, old_vars, pool_dev[0], pool_dev[1], idx, lo, hi,
+                                     task_key)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v  # stays on device: no sync per step
+            bar.update(1)
+        means = {k: float(v) / len(batches) for k, v in sums.items()}
+        bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}", refresh=False)
+        if not np.isfinite(means.get("loss", 0.0)):
+            from sdcil_jax.errors import UserError
+
+            raise UserError(
+                f"Training diverged: loss is {means['loss']} in task {task} epoch {epoch}; "
+                "lower train.lr or check the data."
+            )
+        if log_fn is not None:
+            log_fn(epoch, means)
+    bar.close()
+    return state
+
+
+def predict(eval_fn, params, batch_stats, images: np.ndarray, batch_size: int, mesh):
+    """Logits and features of ``images`` (uint8), batched and padded to the mesh size."""
+    sharding = parallel.batch_sharded(mesh)
+    n = len(images)
+    logits, feats = [], []
+    for start in range(0, n, batch_size):
+        chunk = images[start:start + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        lg, ft = eval_fn(params, batch_stats, parallel.put_global(chunk, sharding))
+        logits.append(np.asarray(lg)[: len(chunk) - pad])
+        feats.append(np.asarray(ft)[: len(chunk) - pad])
+    if not logits:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(logits), np.concatenate(feats)
+
+
+def select_memory(features: np.ndarray, m: int, selection: str, seed: int) -> np.ndarray:
+    """Positions (into ``features``) of the ``m`` exemplars of one class."""
+    if selection == "herding":
+        return np.asarray(herding_select(features, m), dtype=np.int64)
+    return np.asarray(random_select(len(features), m, np.random.default_rng(seed)), dtype=np.int64)
+
+
+def evaluate_task(*, logits: np.ndarray, feats: np.ndarray, labels: np.ndarray, num_seen: int,
+                  task_bounds, num_old: int, memory_means: np.ndarray | None) -> dict[str, Any]:
+    """CNN and NME accuracies on the test images of the seen classes."""
+    pred = np.argmax(logits[:, :num_seen], axis=1)
+    result = {
+        "cnn_accuracy": ev.accuracy(pred, labels),
+        "task_accuracies": ev.task_accuracies(pred, labels, task_bounds),
+        "old_accuracy": ev.accuracy(pred[labels < num_old], labels[labels < num_old])
+        if num_old else None,
+        "new_accuracy": ev.accuracy(pred[labels >= num_old], labels[labels >= num_old]),
+        "nme_accuracy": None,
+        "nme_task_accuracies": None,
+    }
+    if memory_means is not None:
+        nme = ev.nme_predict(feats, memory_means[:num_seen])
+        result["nme_accuracy"] = ev.accuracy(nme, labels)
+        result["nme_task_accuracies"] = ev.task_accuracies(nme, labels, task_bounds)
+    return result
+
+
+def timer():
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start
+
+
+def state_on_host(state: train_lib.TrainState):
+    return jax.device_get(state)

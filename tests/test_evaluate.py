@@ -1,0 +1,38 @@
+"""Metric maths against hand-made inputs."""
+
+import numpy as np
+import pytest
+
+from sdcil_jax import evaluate as ev
+
+
+def test_accuracy_and_task_accuracies():
+    labels = np.array([0, 0, 1, 1, 2, 3])
+    pred = np.array([0, 1, 1, 1, 0, 3])
+    assert ev.accuracy(pred, labels) == pytest.approx(100 * 4 / 6)
+    assert ev.task_accuracies(pred, labels, [(0, 2), (2, 4)]) == pytest.approx([75.0, 50.0])
+    assert ev.accuracy(np.array([]), np.array([])) == 0.0
+
+
+def test_average_incremental_includes_first_task():
+    assert ev.average_incremental_accuracy([90.0, 70.0, 50.0]) == pytest.approx(70.0)
+
+
+def test_forgetting_hand_matrix():
+    acc = [[90.0], [60.0, 80.0], [70.0, 50.0, 95.0]]
+    # task 0: best before last = 90, final 70 -> 20; task 1: best 80, final 50 -> 30
+    assert ev.forgetting(acc) == pytest.approx(25.0)
+    assert ev.forgetting([[80.0]]) is None
+
+
+def test_nme_matches_bruteforce():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(20, 5))
+    labels = rng.integers(0, 3, size=20)
+    means = ev.class_means(feats, labels, 3)
+    pred = ev.nme_predict(feats, means)
+    normed = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    for i in range(20):
+        d = [np.sum((normed[i] - means[c]) ** 2) for c in range(3)]
+        assert pred[i] == int(np.argmin(d))
+    assert np.allclose(np.linalg.norm(means, axis=1), 1.0)

@@ -1,0 +1,68 @@
+"""The jitted data-parallel train step: 4 devices == 1 device on the same global batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdcil_jax import parallel
+from sdcil_jax import train as train_lib
+from sdcil_jax.config import base_config
+from sdcil_jax.methods import TaskInfo, get_method
+from sdcil_jax.models import build_backbone
+
+
+def _setup(synth_batch):
+    cfg = base_config()
+    cfg.model.name = "resnet_tiny"
+    cfg.method.name = "replay"
+    backbone = build_backbone(cfg.model)
+    method = get_method(cfg, TaskInfo(task=1, num_old=2, num_new=2))
+    rng = np.random.default_rng(0)
+    pool_x = rng.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8)
+    pool_y = rng.integers(0, 4, size=(40,)).astype(np.int32)
+    variables = backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    params = {"backbone": variables["params"],
+              "head": method.init_head(jax.random.PRNGKey(1), 32, 4)}
+    tx = train_lib.make_optimizer(0.1, 0.9, 5e-4, 10)
+    step_cfg = train_lib.StepConfig(real_batch=8, synth_batch=synth_batch, synth_in_cls=True,
+                                    synth_in_dist=False, crop_padding=2, flip=True, brightness=0.2)
+    mean, std = jnp.full((3,), 0.5), jnp.full((3,), 0.25)
+    state0 = train_lib.init_state(params, variables["batch_stats"], tx)
+    return backbone, method, tx, step_cfg, mean, std, state0, pool_x, pool_y
+
+
+def _run(devices, synth_batch, steps=2):
+    backbone, method, tx, step_cfg, mean, std, state0, pool_x, pool_y = _setup(synth_batch)
+    mesh = parallel.make_mesh(devices)
+    step = jax.jit(train_lib.make_train_step(backbone, method, tx, step_cfg, mean, std,
+                                             parallel.batch_sharded(mesh)), donate_argnums=(0,))
+    state = parallel.put_replicated(state0, mesh)
+    px, py = parallel.put_replicated(pool_x, mesh), parallel.put_replicated(pool_y, mesh)
+    metrics = None
+    for s in range(steps):
+        idx = parallel.put_global(np.arange(8 * s, 8 * s + 8, dtype=np.int32),
+                                  parallel.batch_sharded(mesh))
+        state, metrics = step(state, None, px, py, idx, jnp.int32(20), jnp.int32(40),
+                              jax.random.PRNGKey(3))
+    return parallel.fetch(state), parallel.fetch(metrics), step
+
+
+@pytest.mark.parametrize("synth_batch", [0, 8])
+def test_four_devices_equal_one_device(synth_batch):
+    assert jax.device_count() == 4
+    s1, m1, _ = _run(jax.devices()[:1], synth_batch)
+    s4, m4, _ = _run(jax.devices(), synth_batch)
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5, atol=1e-6)
+    leaves1 = jax.tree_util.tree_leaves((s1.params, s1.batch_stats))
+    leaves4 = jax.tree_util.tree_leaves((s4.params, s4.batch_stats))
+    assert len(leaves1) == len(leaves4)
+    for a, b in zip(leaves1, leaves4, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_step_changes_params_and_compiles_once():
+    state, metrics, step = _run(jax.devices(), 8, steps=3)
+    assert np.isfinite(metrics["loss"])
+    assert int(state.step) == 3
+    assert step._cache_size() == 1  # same shapes every step: one compilation
