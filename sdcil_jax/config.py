@@ -22,16 +22,18 @@ from sdcil_jax.errors import ConfigError
 _EXTRA_TYPES: dict[str, tuple[type, ...]] = {
     "scenario.class_order": (str, list, tuple),
     "generation.prompt_templates": (list, tuple),
+    "dataset.class_names": (list, tuple),
 }
 
 # Keys restricted to a set of values.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method.name": ("finetune", "joint", "replay"),
+    "method.name": ("finetune", "joint", "replay", "icarl", "podnet"),
+    "dataset.pipeline": ("auto", "device", "host"),
     "memory.selection": ("herding", "random"),
     "synthetic.use_in": ("none", "distillation", "classification", "both"),
     "generation.backend": ("sd", "tiny_sd", "real_holdout"),
     "generation.dtype": ("bfloat16", "float32", "float16"),
-    "model.name": ("resnet_digits",),
+    "model.name": ("resnet_digits", "resnet_tiny", "resnet32", "resnet18"),
 }
 
 
@@ -44,6 +46,12 @@ def base_config() -> ml_collections.ConfigDict:
         name="cifar100",  # 'digits' (embedded, offline) or any prepared tfds image classification set
         data_dir="",  # tfds data dir; '' = TFDS_DATA_DIR or ~/tensorflow_datasets
         holdout_per_class=0,  # real training images per class kept out of training (real_holdout pool)
+        class_names=[],  # overrides of readable class names for prompts: ["12=red bridge", ...]
+        pipeline="auto",  # 'device' (uint8 pool on device), 'host' (decode+augment on host), 'auto'
+        workers=8,  # host pipeline decoding threads
+        prefetch=2,  # host pipeline batches prefetched to the devices
+        image_size=224,  # host pipeline: random-resized crop size (train) / centre crop (test)
+        test_resize=256,  # host pipeline: shorter side before the centre crop at test time
     )
     c.scenario = dict(
         initial_increment=50,
@@ -51,13 +59,25 @@ def base_config() -> ml_collections.ConfigDict:
         class_order="identity",  # 'identity', a named order (see data.class_orders) or a list of ids
         max_tasks=0,  # 0 = run every task
     )
-    c.method = dict(name="replay")
+    c.method = dict(
+        name="replay",
+        pod_flat=1.0,  # PODNet lambda_flat (times sqrt(seen / new classes))
+        pod_spatial=3.0,  # PODNet lambda_spatial (times sqrt(seen / new classes))
+        nca_margin=0.6,
+        proxies_per_class=10,
+        finetune_epochs=20,  # balanced finetuning of the classifier (t > 0); 0 disables
+        finetune_lr=0.05,
+        grad_clip=5.0,  # element-wise gradient clamp to [-grad_clip, grad_clip]; 0 disables
+        kd_temperature=2.0,  # iCaRL-style KD temperature (used by methods with a 'kd' loss)
+    )
     c.memory = dict(per_class=20, selection="herding")
     c.synthetic = dict(
         use_in="none",
         per_class=500,  # synthetic images per old class used in training
         batch_size=0,  # 0 = train.batch_size
         replace_memory=False,  # use synthetic images as the exemplar memory instead of real ones
+        in_finetuning=False,  # add synthetic images of old classes to the balanced finetuning
+        diagnostic_per_class=0,  # synthetic images per class held out to measure the domain gap
     )
     c.generation = dict(
         backend="sd",
@@ -73,7 +93,12 @@ def base_config() -> ml_collections.ConfigDict:
         store_dir="",  # '' = <workdir>/replay_store
         preview_per_class=4,
     )
-    c.model = dict(name="resnet_digits", width=16)
+    c.model = dict(name="resnet_digits", width=16, last_relu=False, small_stem=False)
+    c.checkpoint = dict(
+        every_minutes=5.0,  # save inside a task at most this often (and at every task end)
+        every_steps=0,  # if > 0, also save every this many steps
+        keep=3,  # checkpoints kept (older ones are deleted)
+    )
     c.train = dict(
         epochs=160,
         batch_size=128,
@@ -148,6 +173,8 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
         "train.epochs", "train.batch_size", "train.eval_batch_size", "generation.num_inference_steps",
         "generation.resolution", "generation.batch_per_device", "generation.per_class",
         "scenario.initial_increment", "scenario.increment", "model.width",
+        "method.proxies_per_class", "method.finetune_lr", "method.kd_temperature",
+        "checkpoint.keep", "dataset.workers", "dataset.image_size", "dataset.test_resize",
     ]
     for key in positive:
         section, name = key.split(".")
@@ -156,11 +183,29 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
     non_negative = ["memory.per_class", "synthetic.per_class", "synthetic.batch_size",
                     "scenario.max_tasks", "dataset.holdout_per_class", "generation.preview_per_class",
                     "train.crop_padding", "train.brightness", "train.weight_decay",
-                    "train.momentum"]
+                    "train.momentum", "method.pod_flat", "method.pod_spatial",
+                    "method.finetune_epochs", "method.grad_clip", "synthetic.diagnostic_per_class",
+                    "checkpoint.every_minutes", "checkpoint.every_steps", "dataset.prefetch"]
     for key in non_negative:
         section, name = key.split(".")
         if c[section][name] < 0:
             raise ConfigError(f"Config key {key} must be >= 0, got {c[section][name]!r}.")
+    for item in c.dataset.class_names:
+        head, sep, _ = str(item).partition("=")
+        if not sep or not head.strip().isdigit():
+            raise ConfigError(
+                f"dataset.class_names entry {item!r} must look like 'ID=readable name', "
+                "e.g. '30=dolphin'."
+            )
+    uses_synthetic = (c.synthetic.use_in != "none" or c.synthetic.replace_memory
+                      or c.synthetic.diagnostic_per_class > 0)
+    if uses_synthetic and (
+            c.synthetic.per_class + c.synthetic.diagnostic_per_class > c.generation.per_class):
+        raise ConfigError(
+            f"synthetic.per_class + synthetic.diagnostic_per_class = "
+            f"{c.synthetic.per_class + c.synthetic.diagnostic_per_class} exceeds "
+            f"generation.per_class={c.generation.per_class}; generate more images or use fewer."
+        )
     if c.train.lr <= 0:
         raise ConfigError(f"Config key train.lr must be positive, got {c.train.lr!r}.")
     if c.generation.resolution % 8:
@@ -174,11 +219,6 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
                 f"generation.prompt_templates entry {tpl!r} must be a string containing '{{}}' "
                 "where the class name goes."
             )
-    if c.synthetic.use_in != "none" and c.synthetic.per_class > c.generation.per_class:
-        raise ConfigError(
-            f"synthetic.per_class={c.synthetic.per_class} exceeds generation.per_class="
-            f"{c.generation.per_class}; generate more images or use fewer."
-        )
     if c.generation.backend == "real_holdout" and c.dataset.holdout_per_class < c.generation.per_class:
         raise ConfigError(
             f"generation.backend=real_holdout needs dataset.holdout_per_class >= generation.per_class "

@@ -161,16 +161,17 @@ def print_task_line(result: dict, num_tasks: int) -> None:
     print(f"task {result['task'] + 1}/{num_tasks}: {result['num_classes']} classes, "
           f"CNN {_fmt(result['cnn_accuracy'])}  NME {_fmt(result['nme_accuracy'])}  "
           f"old {_fmt(result['old_accuracy'])}  new {_fmt(result['new_accuracy'])}  "
+          f"synthetic {_fmt(result.get('synthetic_accuracy'))}  "
           f"({result['train_time_s']:.1f}s)", flush=True)
 
 
 def print_table(results: dict) -> None:
-    head = "| task | classes |  CNN   |  NME   |  old   |  new   |"
+    head = "| task | classes |  CNN   |  NME   |  old   |  new   | synth. |"
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in results["per_task"]:
         lines.append(f"| {r['task'] + 1:4d} | {r['num_classes']:7d} | {_fmt(r['cnn_accuracy'])} | "
                      f"{_fmt(r['nme_accuracy'])} | {_fmt(r['old_accuracy'])} | "
-                     f"{_fmt(r['new_accuracy'])} |")
+                     f"{_fmt(r['new_accuracy'])} | {_fmt(r.get('synthetic_accuracy'))} |")
     lines.append("")
     lines.append(f"average incremental accuracy (CNN): {results['avg_incremental_accuracy']:.2f}")
     lines.append(f"last accuracy (CNN):                {results['last_accuracy']:.2f}")

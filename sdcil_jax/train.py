@@ -134,6 +134,7 @@ def make_train_step(backbone, method, tx: optax.GradientTransformation, cfg: Ste
             state.params)
         grads = method.transform_grads(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates = method.transform_updates(updates)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                                   opt_state=opt_state)
@@ -141,6 +142,51 @@ def make_train_step(backbone, method, tx: optax.GradientTransformation, cfg: Ste
         return new_state, metrics
 
     return step
+
+
+def make_finetune_step(backbone, method, tx: optax.GradientTransformation, cfg: StepConfig,
+                       mean: jax.Array, std: jax.Array, data_sharding=None):
+    """Classifier-only step on a frozen backbone (inference-mode batch norm).
+
+    Same signature as :func:`make_train_step`; only ``params['head']`` changes. The real batch is
+    the class-balanced finetuning set; there is no synthetic stream (synthetic images, when asked
+    for, are part of the balanced set) and no distillation.
+    """
+
+    def step(state: TrainState, old_vars, pool_x, pool_y, real_idx, synth_lo, synth_hi, task_key):
+        del old_vars, synth_lo, synth_hi
+        key = jax.random.fold_in(task_key, state.step)
+        x = pool_x[real_idx]
+        y = pool_y[real_idx]
+        if data_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, data_sharding)
+        images = aug_lib.augment(x.astype(jnp.float32) / 255.0, key, crop_padding=cfg.crop_padding,
+                                 flip=cfg.flip, brightness=cfg.brightness)
+        images = (images - mean) / std
+        feats = backbone.apply({"params": state.params["backbone"],
+                                "batch_stats": state.batch_stats}, images, train=False)["features"]
+        feats = jax.lax.stop_gradient(feats)
+        mask = jnp.ones(y.shape, jnp.float32)
+
+        def loss_fn(head):
+            scores = method.head_apply(head, feats)
+            return method.finetune_loss(head, scores, y, mask)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params["head"])
+        grads = method.transform_grads({"head": grads})["head"]
+        updates, opt_state = tx.update(grads, state.opt_state, state.params["head"])
+        head = optax.apply_updates(state.params["head"], updates)
+        params = dict(state.params, head=head)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {
+            "loss": loss}
+
+    return step
+
+
+def init_head_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
+    """A TrainState whose optimizer covers the head only (balanced finetuning)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params["head"]))
 
 
 def make_eval_fn(backbone, head_apply: Callable, mean: jax.Array, std: jax.Array):

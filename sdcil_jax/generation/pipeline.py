@@ -2,14 +2,14 @@
 
 This is the only module that knows about ``diffusers`` and ``transformers``. Everything else in
 :mod:`sdcil_jax.generation` treats the pipeline as an opaque object and calls the functions below
-(:func:`tokenize`, :func:`latent_shape`, :func:`generate_images`), so replacing the SD implementation
-(an own jit+sharding sampler, another Flax SD port) means rewriting this file only.
+(:func:`tokenize`, :func:`latent_shape`, :func:`generate_images`), so replacing the SD
+implementation (an own jit+sharding sampler, another Flax SD port) means rewriting this file only.
 
 Backends:
 
 - ``sd``: ``FlaxStableDiffusionPipeline.from_pretrained`` from a hub id or a local folder.
-- ``tiny_sd``: a small randomly initialised pipeline built in code. Its images are noise; it exists to
-  test the machinery offline and on CPU.
+- ``tiny_sd``: a small randomly initialised pipeline built in code. Its images are noise; it exists
+  to test the machinery offline and on CPU.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def _diffusers():
     )
 
     _silence_flax_deprecation()
-    return FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel, FlaxAutoencoderKL, FlaxDDIMScheduler
+    return (
+        FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel, FlaxAutoencoderKL, FlaxDDIMScheduler
+    )
 
 
 def load_pipeline(gen_cfg: Any) -> tuple[Any, dict]:
@@ -127,9 +129,9 @@ def _hub_offline() -> bool:
 def _unreachable(model: str, revision: str, why: str) -> GenerationError:
     rev = f" --revision {revision}" if revision else ""
     return GenerationError(
-        f"Stable Diffusion weights {model!r} could not be loaded: {why}; download them once with "
-        f"network access (huggingface-cli download {model}{rev}) or set generation.model to a local "
-        "pipeline folder."
+        f"Stable Diffusion weights {model!r} could not be loaded: {why}; download them once "
+        f"with network access (huggingface-cli download {model}{rev}) or set generation.model to "
+        "a local pipeline folder."
     )
 
 
@@ -142,10 +144,10 @@ def _hub_preflight(model: str, revision: str) -> None:
         cached = huggingface_hub.try_to_load_from_cache(
             model, "model_index.json", revision=revision or None
         )
-    except (hf_errors.HFValidationError, ValueError) as exc:
+    except (hf_errors.HFValidationError, ValueError):
         raise GenerationError(
-            f"generation.model={model!r} is neither an existing local folder nor a valid hub id "
-            f"({exc}); fix the path or use an id like CompVis/stable-diffusion-v1-4."
+            f"generation.model={model!r} is neither an existing local folder nor a valid hub id; "
+            "fix the path or use a hub id like CompVis/stable-diffusion-v1-4."
         ) from None
     if isinstance(cached, str):
         return  # in the local HF cache: from_pretrained resolves it (offline too)
@@ -173,8 +175,8 @@ def _hub_preflight(model: str, revision: str) -> None:
         ) from None
     except Exception as exc:  # connection errors, timeouts, proxies: all mean "not reachable"
         raise _unreachable(
-            model, revision, f"the Hugging Face hub could not be reached ({type(exc).__name__}) and "
-            "the weights are not in the local HF cache"
+            model, revision, f"the Hugging Face hub could not be reached ({type(exc).__name__}) "
+            "and the weights are not in the local HF cache"
         ) from None
 
 
@@ -191,8 +193,8 @@ def _load_sd(model: str, revision: str, dtype: Any) -> tuple[Any, dict]:
             )
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise GenerationError(
-                f"Local model folder {model} has no model_index.json; point generation.model to the "
-                "folder that save_pretrained or huggingface-cli download wrote."
+                f"Local model folder {model} has no model_index.json; point generation.model to "
+                "the folder that save_pretrained or huggingface-cli download wrote."
             )
     else:
         path = model
@@ -209,11 +211,11 @@ def _load_sd(model: str, revision: str, dtype: Any) -> tuple[Any, dict]:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if local:
             raise GenerationError(
-                f"Local model folder {model} could not be loaded as a Flax Stable Diffusion pipeline "
-                f"({reason}); check that it holds Flax weights saved with save_pretrained."
+                f"Local model folder {model} could not be loaded as a Flax Stable Diffusion "
+                f"pipeline ({reason}); check that it holds Flax weights saved with save_pretrained."
             ) from None
-        raise _unreachable(model, revision, f"loading from the hub or the HF cache failed ({reason})"
-                           ) from None
+        why = f"loading from the hub or the HF cache failed ({reason})"
+        raise _unreachable(model, revision, why) from None
     finally:
         _silence_flax_deprecation()
     return pipe, dict(params)
@@ -239,14 +241,41 @@ def _tiny_tokenizer():
         return CLIPTokenizer(vocab_file, merges_file, model_max_length=_MAX_TOKENS)
 
 
+def _random_params(shapes: Any, seed: int) -> dict:
+    """Deterministic random parameters for a tree of ShapeDtypeStructs (numpy, no XLA compile).
+
+    Initialising the tiny UNet/VAE through JAX costs about a minute of XLA compilation on CPU; the
+    shapes come from ``jax.eval_shape`` instead and the values from a fixed numpy seed: norm
+    scales 1, biases 0, embeddings N(0, 0.02), kernels N(0, 1/fan_in).
+    """
+    from flax.core import unfreeze
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    rng = np.random.default_rng(seed)
+    flat = flatten_dict(unfreeze(shapes))
+    out = {}
+    for path in sorted(flat):
+        spec = flat[path]
+        if path[-1] == "scale":
+            value = np.ones(spec.shape)
+        elif path[-1] == "bias":
+            value = np.zeros(spec.shape)
+        elif path[-1] == "embedding":
+            value = rng.normal(0.0, 0.02, spec.shape)
+        else:
+            fan_in = int(np.prod(spec.shape[:-1])) or 1
+            value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), spec.shape)
+        out[path] = jnp.asarray(value, dtype=spec.dtype)
+    return unflatten_dict(out)
+
+
 @functools.lru_cache(maxsize=4)
 def _tiny_pipeline(dtype_name: str) -> tuple[Any, dict]:
-    """Build the tiny pipeline once per dtype; parameters come from a fixed key (deterministic)."""
+    """Build the tiny pipeline once per dtype; parameters come from a fixed seed (deterministic)."""
     from transformers import CLIPTextConfig, FlaxCLIPTextModel
 
     pipeline_cls, unet_cls, vae_cls, scheduler_cls = _diffusers()
     dtype = DTYPES[dtype_name]
-    k_unet, k_vae = jax.random.split(jax.random.PRNGKey(_TINY_SEED))
     tokenizer = _tiny_tokenizer()
     unet = unet_cls(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4,
@@ -265,7 +294,7 @@ def _tiny_pipeline(dtype_name: str) -> tuple[Any, dict]:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text_encoder = FlaxCLIPTextModel(text_config, seed=_TINY_SEED, dtype=dtype)
+    text_encoder = FlaxCLIPTextModel(text_config, seed=_TINY_SEED, dtype=dtype, _do_init=False)
     scheduler = scheduler_cls(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False,
@@ -274,18 +303,24 @@ def _tiny_pipeline(dtype_name: str) -> tuple[Any, dict]:
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, dtype=dtype,
     )
-    params = {
-        "unet": unet.init_weights(k_unet),
-        "vae": vae.init_weights(k_vae),
-        "text_encoder": text_encoder.params,
-        "scheduler": scheduler.create_state(),
+    key = jax.random.PRNGKey(_TINY_SEED)
+    shapes = {
+        "unet": jax.eval_shape(unet.init_weights, key),
+        "vae": jax.eval_shape(vae.init_weights, key),
+        "text_encoder": jax.eval_shape(
+            lambda k: text_encoder.init_weights(k, (1, _MAX_TOKENS)), key
+        ),
     }
+    params = {
+        name: _random_params(tree, _TINY_SEED + i) for i, (name, tree) in enumerate(shapes.items())
+    }
+    params["scheduler"] = scheduler.create_state()
     _silence_flax_deprecation()
     return pipe, params
 
 
 def save_tiny_pipeline(path: str, dtype: str = "float32") -> str:
-    """Write the tiny pipeline with ``save_pretrained`` to ``path`` (a folder the ``sd`` backend loads)."""
+    """Write the tiny pipeline with ``save_pretrained`` to ``path``; the ``sd`` backend loads it."""
     pipe, params = _tiny_pipeline(dtype)
     pipe.save_pretrained(path, params=params)
     return path

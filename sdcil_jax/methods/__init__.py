@@ -5,8 +5,10 @@ from __future__ import annotations
 from sdcil_jax.errors import ConfigError
 from sdcil_jax.methods.base import Method, TaskInfo
 from sdcil_jax.methods.cross_entropy import Finetune, Joint, Replay
+from sdcil_jax.methods.icarl import ICaRL
+from sdcil_jax.methods.podnet import PODNet
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Finetune, Joint, Replay)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Finetune, Joint, Replay, ICaRL, PODNet)}
 
 
 def get_method(config, info: TaskInfo) -> Method:

@@ -35,6 +35,7 @@ class Method:
     uses_memory = True  # keeps an exemplar memory of real (or synthetic) images
     needs_old_model = False  # the step receives the previous task's frozen model
     has_distillation = False  # synthetic.use_in=distillation/both only makes sense if True
+    imprint = False  # grow_head receives the new classes' features (k-means imprinting)
 
     def __init__(self, config, info: TaskInfo):
         self.config = config
@@ -62,5 +63,17 @@ class Method:
         raise NotImplementedError
 
     def transform_grads(self, grads):
-        """Hook to clip or freeze gradients before the optimizer (identity by default)."""
+        """Hook to clip gradients before the optimizer (identity by default)."""
         return grads
+
+    def transform_updates(self, updates):
+        """Hook to freeze parameters after the optimizer (e.g. old proxies; identity by default)."""
+        return updates
+
+    # ---- balanced finetuning of the classifier (after the task's training) ------------------------
+    def finetune_epochs(self) -> int:
+        """Epochs of classifier-only finetuning on a class-balanced set (0 = none)."""
+        return 0
+
+    def finetune_loss(self, head, scores, labels, mask):
+        raise NotImplementedError

@@ -1,0 +1,221 @@
+"""The task loop: for each task, build its pool, train, finetune, update the memory, evaluate.
+
+State carried from task to task (what a checkpoint must hold): the model (``params``,
+``batch_stats``), the exemplar ``memory`` (incremental class -> indices into the real training
+images), the frozen ``old_vars`` and the results so far.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdcil_jax import evaluate as ev
+from sdcil_jax import parallel, reporting
+from sdcil_jax import train as train_lib
+from sdcil_jax import trainer as tr
+from sdcil_jax.methods import TaskInfo, get_method
+from sdcil_jax.models import build_backbone
+
+
+class TaskLoop:
+    """Runs the scenario of an :class:`~sdcil_jax.runner.Experiment` task by task."""
+
+    def __init__(self, exp, store, progress: bool = True):
+        self.exp, self.store, self.progress = exp, store, progress
+        cfg, ds, sc = exp.config, exp.dataset, exp.scenario
+        self.cfg, self.ds, self.sc = cfg, ds, sc
+        self.mesh = parallel.make_mesh()
+        self.logger = reporting.MetricsLogger(exp.workdir)
+        self.train_x = ds.train_images[exp.train_idx]
+        self.train_y = sc.relabel(ds.train_labels[exp.train_idx]).astype(np.int32)
+        self.test_y = sc.relabel(ds.test_labels).astype(np.int32)
+        flat = self.train_x.reshape(-1, self.train_x.shape[-1])
+        self.mean = jnp.asarray(flat.mean(0) / 255.0, jnp.float32)
+        self.std = jnp.asarray(flat.std(0) / 255.0 + 1e-6, jnp.float32)
+        self.backbone = build_backbone(cfg.model)
+        self.base_key = jax.random.PRNGKey(cfg.seed)
+        dummy = jnp.zeros((1,) + tuple(ds.image_shape), jnp.float32)
+        variables = jax.jit(lambda k: self.backbone.init(k, dummy, train=False))(
+            jax.random.fold_in(self.base_key, 1_000_003))
+        self.feat_dim = int(jax.eval_shape(
+            lambda v: self.backbone.apply(v, dummy, train=False), variables)["features"].shape[-1])
+        self.params: dict[str, Any] = {"backbone": variables["params"], "head": None}
+        self.batch_stats = variables["batch_stats"]
+        self.memory: dict[int, np.ndarray] = {}
+        self.old_vars = None
+        self.per_task: list[dict[str, Any]] = []
+        self.synth_bs = cfg.synthetic.batch_size or cfg.train.batch_size
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _synthetic(self, classes: list[int], start: int, count: int):
+        """Synthetic images ``[start, start + count)`` of each dataset class, with their labels."""
+        shape = (0,) + tuple(self.ds.image_shape)
+        if self.store is None or not classes or count == 0:
+            return np.zeros(shape, np.uint8), np.zeros((0,), np.int32)
+        images, labels = [], []
+        for c in classes:
+            x = self.store.load(c, start + count)[start:]
+            images.append(x)
+            labels.append(np.full((len(x),), self.sc.relabel(np.asarray([c]))[0], np.int32))
+        return np.concatenate(images), np.concatenate(labels)
+
+    def _predict(self, eval_fn, images: np.ndarray):
+        return tr.predict(eval_fn, self.params, self.batch_stats, images,
+                          self.cfg.train.eval_batch_size, self.mesh)
+
+    def _eval_fn(self, method):
+        return jax.jit(train_lib.make_eval_fn(self.backbone, method.head_apply, self.mean,
+                                              self.std))
+
+    def _step_config(self, synth_batch: int) -> train_lib.StepConfig:
+        c = self.cfg
+        return train_lib.StepConfig(
+            real_batch=c.train.batch_size, synth_batch=synth_batch,
+            synth_in_cls=c.synthetic.use_in in ("classification", "both"),
+            synth_in_dist=c.synthetic.use_in in ("distillation", "both"),
+            crop_padding=c.train.crop_padding, flip=c.train.flip, brightness=c.train.brightness)
+
+    # -------------------------------------------------------------------------------------- task
+    def run(self) -> dict[str, Any]:
+        clock = tr.timer()
+        for t in range(self.sc.num_tasks):
+            self.run_task(t)
+        acc_matrix = [r["task_accuracies"] for r in self.per_task]
+        nme_matrix = [r["nme_task_accuracies"] for r in self.per_task
+                      if r["nme_task_accuracies"] is not None]
+        results = reporting.summarise(
+            self.exp, self.per_task, acc_matrix, nme_matrix, wall_time_s=clock(),
+            norm=(np.asarray(self.mean).tolist(), np.asarray(self.std).tolist()))
+        reporting.write_results(self.exp.workdir, results)
+        reporting.print_table(results)
+        return results
+
+    def run_task(self, t: int) -> None:
+        cfg, sc = self.cfg, self.sc
+        task_clock = tr.timer()
+        start, end = sc.task_range(t)
+        method = get_method(cfg, TaskInfo(task=t, num_old=start, num_new=end - start))
+        task_key = jax.random.fold_in(self.base_key, t)
+        old_classes = [c for k in range(t) for c in sc.task_classes(k)]
+        synth_x, synth_y = self._synthetic(old_classes, 0, cfg.synthetic.per_class)
+        pool = tr.TaskPool(np.concatenate([self.train_x, synth_x]),
+                           np.concatenate([self.train_y, synth_y]),
+                           len(self.train_x), len(self.train_x) + len(synth_x))
+        if cfg.synthetic.replace_memory:
+            self.memory = {c: pool.synth_lo + np.flatnonzero(synth_y == c) for c in range(start)}
+        new_idx = np.flatnonzero((self.train_y >= start) & (self.train_y < end))
+        seen_idx = np.flatnonzero((self.train_y >= 0) & (self.train_y < end))
+        mem_idx = self._memory_indices(range(start))
+        real_idx = method.real_indices(new_idx, mem_idx, seen_idx)
+
+        self._grow_head(method, t, start, end, task_key)
+        use_synth = cfg.synthetic.use_in != "none" and len(synth_x) > 0
+        pool_dev = (parallel.put_replicated(pool.images, self.mesh),
+                    parallel.put_replicated(pool.labels, self.mesh))
+        self._train_stage(method, "train", real_idx, pool, pool_dev, task_key, t,
+                          self.synth_bs if use_synth else 0)
+        self._update_memory(method, start, end)
+        ft_epochs = method.finetune_epochs()
+        if ft_epochs > 0:
+            balanced = self._memory_indices(range(end))
+            if cfg.synthetic.in_finetuning and not cfg.synthetic.replace_memory:
+                balanced = np.concatenate([balanced, np.arange(pool.synth_lo, pool.synth_hi)])
+            self._train_stage(method, "finetune", balanced, pool, pool_dev,
+                              jax.random.fold_in(task_key, 1), t, 0)
+        result = self._evaluate(method, pool, t, start, end)
+        result.update(task=t, num_classes=end, new_classes=sc.task_classes(t),
+                      train_images=int(len(real_idx)), synthetic_images=int(len(synth_x)),
+                      train_time_s=round(task_clock(), 2))
+        self.per_task.append(result)
+        self.logger.log({"event": "task", **result})
+        reporting.print_task_line(result, sc.num_tasks)
+        if method.needs_old_model:
+            self.old_vars = parallel.put_replicated(
+                {"params": self.params, "batch_stats": self.batch_stats}, self.mesh)
+
+    def _memory_indices(self, classes) -> np.ndarray:
+        parts = [self.memory[c] for c in classes if c in self.memory]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0,), np.int64)
+
+    def _grow_head(self, method, t: int, start: int, end: int, task_key) -> None:
+        head_key = jax.random.fold_in(task_key, 7)
+        if self.params["head"] is None:
+            self.params["head"] = method.init_head(head_key, self.feat_dim, end - start)
+            return
+        feats = None
+        if method.imprint:
+            eval_fn = self._eval_fn(method)
+            feats = [self._predict(eval_fn, self.train_x[self.train_y == c])[1]
+                     for c in range(start, end)]
+        self.params["head"] = method.grow_head(self.params["head"], head_key, end - start, feats)
+
+    def _train_stage(self, method, stage: str, indices, pool, pool_dev, key, t: int,
+                     synth_batch: int) -> None:
+        cfg = self.cfg
+        finetune = stage == "finetune"
+        epochs = method.finetune_epochs() if finetune else cfg.train.epochs
+        lr = cfg.method.finetune_lr if finetune else cfg.train.lr
+        steps = epochs * max(1, -(-len(indices) // cfg.train.batch_size))
+        tx = train_lib.make_optimizer(lr, cfg.train.momentum, cfg.train.weight_decay, steps)
+        make = train_lib.make_finetune_step if finetune else train_lib.make_train_step
+        init = train_lib.init_head_state if finetune else train_lib.init_state
+        step_fn = jax.jit(make(self.backbone, method, tx, self._step_config(synth_batch),
+                               self.mean, self.std, parallel.batch_sharded(self.mesh)),
+                          donate_argnums=(0,))
+        state = parallel.put_replicated(init(self.params, self.batch_stats, tx), self.mesh)
+
+        def log_epoch(epoch, means):
+            self.logger.log({"event": stage, "task": t, "epoch": epoch, **means})
+
+        state = tr.run_epochs(
+            step_fn=step_fn, state=state, old_vars=self.old_vars, pool_dev=pool_dev,
+            real_indices=np.asarray(indices), epochs=epochs, batch_size=cfg.train.batch_size,
+            synth_bounds=(pool.synth_lo, pool.synth_hi), task_key=key, mesh=self.mesh,
+            seed=cfg.seed + (7919 if finetune else 0), task=t,
+            desc=f"task {t + 1}/{self.sc.num_tasks} {stage}", log_fn=log_epoch,
+            progress=self.progress)
+        host = tr.state_on_host(state)
+        self.params, self.batch_stats = host.params, host.batch_stats
+
+    def _update_memory(self, method, start: int, end: int) -> None:
+        """Fixed memory per class: herding (or random) exemplars of the new classes."""
+        cfg = self.cfg
+        if not method.uses_memory or cfg.memory.per_class == 0:
+            return
+        eval_fn = self._eval_fn(method)
+        for c in range(start, end):
+            idx_c = np.flatnonzero(self.train_y == c)
+            _, feats_c = self._predict(eval_fn, self.train_x[idx_c])
+            pick = tr.select_memory(feats_c, cfg.memory.per_class, cfg.memory.selection,
+                                    cfg.seed * 1000 + c)
+            self.memory[c] = idx_c[pick]
+
+    def _evaluate(self, method, pool, t: int, start: int, end: int) -> dict[str, Any]:
+        eval_fn = self._eval_fn(method)
+        memory_means = None
+        mem_all = self._memory_indices(range(end))
+        if method.uses_memory and len(mem_all):
+            _, mem_feats = self._predict(eval_fn, pool.images[mem_all])
+            memory_means = ev.class_means(mem_feats, pool.labels[mem_all], end)
+        sel = (self.test_y >= 0) & (self.test_y < end)
+        logits, feats = self._predict(eval_fn, self.ds.test_images[sel])
+        result = tr.evaluate_task(
+            logits=logits, feats=feats, labels=self.test_y[sel], num_seen=end,
+            task_bounds=[self.sc.task_range(k) for k in range(t + 1)], num_old=start,
+            memory_means=memory_means)
+        result["synthetic_accuracy"] = self._domain_gap(eval_fn, t, end)
+        return result
+
+    def _domain_gap(self, eval_fn, t: int, end: int) -> float | None:
+        """CNN accuracy on held-out synthetic images of the seen classes (never trained on)."""
+        n = self.cfg.synthetic.diagnostic_per_class
+        if n == 0 or self.store is None:
+            return None
+        classes = [c for k in range(t + 1) for c in self.sc.task_classes(k)]
+        x, y = self._synthetic(classes, self.cfg.synthetic.per_class, n)
+        logits, _ = self._predict(eval_fn, x)
+        return ev.accuracy(np.argmax(logits[:, :end], axis=1), y)

@@ -1,0 +1,154 @@
+"""The replay store, the real_holdout backend and small helpers (no diffusion model compiled)."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from sdcil_jax.config import base_config
+from sdcil_jax.errors import GenerationError, UserError
+from sdcil_jax.generation import ReplayStore, generate_replay_pool, to_uint8
+from sdcil_jax.generation import pipeline as sd_pipeline
+from sdcil_jax.generation.store import fingerprint_of
+
+
+def holdout_cfg(**overrides):
+    g = base_config().generation
+    g.backend = "real_holdout"
+    g.per_class = 4
+    g.preview_per_class = 3
+    for key, value in overrides.items():
+        g[key] = value
+    return g
+
+
+def fake_real_images(class_id, n=6, shape=(8, 8, 1)):
+    rng = np.random.default_rng(class_id)
+    return rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
+def test_real_holdout_writes_the_real_images(tmp_path):
+    extra = {"dataset": "digits", "holdout_per_class": 6}
+    store = generate_replay_pool(
+        holdout_cfg(), seed=0, class_ids=[3, 7], class_names=[str(i) for i in range(10)],
+        image_shape=(8, 8, 1), store_dir=str(tmp_path), real_images_fn=fake_real_images,
+        progress=False, fingerprint_extra=extra,
+    )
+    for c in (3, 7):
+        np.testing.assert_array_equal(store.load(c), fake_real_images(c)[:4])
+        assert os.path.basename(store.shard_path(c)) == f"class_{c:05d}.npz"
+    np.testing.assert_array_equal(store.load(7, count=2), fake_real_images(7)[:2])
+    with open(os.path.join(str(tmp_path), "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["fields"]["dataset"] == "digits"
+    assert manifest["fingerprint"] == fingerprint_of(manifest["fields"])
+    assert manifest["shards"]["3"]["count"] == 4 and len(manifest["shards"]["3"]["sha256"]) == 64
+    assert os.path.isfile(os.path.join(str(tmp_path), "preview.png"))
+    assert not [n for n in os.listdir(str(tmp_path)) if n.startswith(".tmp_")]
+
+    with pytest.raises(GenerationError, match="holdout_per_class"):  # other holdout settings
+        generate_replay_pool(
+            holdout_cfg(), seed=0, class_ids=[3], class_names=[str(i) for i in range(10)],
+            image_shape=(8, 8, 1), store_dir=str(tmp_path), real_images_fn=fake_real_images,
+            progress=False, fingerprint_extra={"dataset": "digits", "holdout_per_class": 8},
+        )
+
+
+def test_real_holdout_too_few_images(tmp_path):
+    with pytest.raises(GenerationError, match="holdout_per_class"):
+        generate_replay_pool(
+            holdout_cfg(per_class=10), seed=0, class_ids=[0], class_names=["zero"],
+            image_shape=(8, 8, 1), store_dir=str(tmp_path), real_images_fn=fake_real_images,
+            progress=False,
+        )
+
+
+def test_store_open_or_create_refuses_other_settings(tmp_path):
+    fields = {"backend": "sd", "guidance_scale": 2.0, "seed": 0}
+    store = ReplayStore(str(tmp_path)).open_or_create(fields)
+    store.write_shard(1, np.ones((2, 4, 4, 3), np.uint8), [0, 1])
+    assert ReplayStore(str(tmp_path)).open_or_create(dict(fields)).is_complete(1, 2)
+    with pytest.raises(GenerationError) as info:
+        ReplayStore(str(tmp_path)).open_or_create({**fields, "guidance_scale": 3.0, "seed": 1})
+    msg = str(info.value)
+    assert "guidance_scale, seed" in msg and "generation.store_dir" in msg
+    assert isinstance(info.value, UserError)
+
+
+def test_store_shard_states(tmp_path, caplog):
+    store = ReplayStore(str(tmp_path)).open_or_create({"backend": "x"})
+    assert not store.is_complete(0, 1)
+    store.write_shard(0, np.full((3, 4, 4, 1), 7, np.uint8), [2, 0, 1])
+    assert store.is_complete(0, 3) and not store.is_complete(0, 4)
+    images, indices = store.load_with_indices(0)
+    assert list(indices) == [0, 1, 2] and images.shape == (3, 4, 4, 1)
+    with pytest.raises(GenerationError, match="requested"):
+        store.load(0, count=5)
+    with pytest.raises(GenerationError, match="no finished shard"):
+        store.load(9)
+    # an unlisted shard file (killed before the manifest update) is unfinished
+    np.savez(store.shard_path(5), images=np.zeros((3, 4, 4, 1), np.uint8), indices=np.arange(3))
+    assert not ReplayStore(str(tmp_path)).open().is_complete(5, 1)
+    # a modified shard fails its checksum: warned once, incomplete, and refused at load time
+    with open(store.shard_path(0), "ab") as f:
+        f.write(b"garbage")
+    reopened = ReplayStore(str(tmp_path)).open()
+    with caplog.at_level(logging.WARNING):
+        assert not reopened.is_complete(0, 1)
+    assert sum("checksum" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(GenerationError, match="rerun --mode generate"):
+        reopened.load(0)
+
+
+def test_open_missing_store(tmp_path):
+    with pytest.raises(GenerationError, match="run --mode generate first"):
+        ReplayStore(str(tmp_path / "nothing")).open()
+
+
+def test_to_uint8_resizes_and_converts_channels():
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    images[0, ..., 0] = 1.0  # pure red
+    images[1] = 1.0  # white
+    rgb = to_uint8(images, (8, 8, 3))
+    assert rgb.shape == (2, 8, 8, 3) and rgb.dtype == np.uint8
+    assert (rgb[0, ..., 0] == 255).all() and (rgb[0, ..., 1:] == 0).all()
+    gray = to_uint8(images, (16, 16, 1))
+    assert gray.shape == (2, 16, 16, 1)
+    assert abs(int(gray[0, 5, 5, 0]) - round(0.299 * 255)) <= 1 and (gray[1] == 255).all()
+    # antialiased: a one-pixel checkerboard averages to mid grey instead of aliasing
+    board = (np.indices((32, 32)).sum(0) % 2).astype(np.float32)
+    small = to_uint8(np.repeat(board[None, ..., None], 3, -1), (8, 8, 3))
+    assert np.abs(small.astype(int) - 128).max() <= 3
+    with pytest.raises(GenerationError):
+        to_uint8(images, (8, 8, 2))
+
+
+def test_only_the_flax_deprecation_message_is_silenced():
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect()
+    root = logging.getLogger("diffusers")
+    root.addHandler(handler)
+    try:
+        _, _, _, scheduler_cls = sd_pipeline._diffusers()
+        scheduler_cls()
+        logging.getLogger("diffusers.schedulers.scheduling_ddim_flax").warning("another warning")
+    finally:
+        root.removeHandler(handler)
+    assert not any("Flax classes are deprecated" in m for m in records)
+    assert "another warning" in records
+
+
+def test_unknown_dtype_and_backend():
+    cfg = holdout_cfg()
+    with pytest.raises(GenerationError, match="no diffusion pipeline"):
+        sd_pipeline.load_pipeline(cfg)
+    cfg.dtype = "int8"
+    with pytest.raises(GenerationError, match="generation.dtype"):
+        sd_pipeline.load_pipeline(cfg)
