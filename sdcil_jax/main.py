@@ -16,8 +16,12 @@ examples:
   python -m sdcil_jax.main --config configs/quickstart.py --workdir /tmp/qs \\
       --config.method.name=finetune --config.synthetic.use_in=none
   python -m sdcil_jax.main --config configs/quickstart.py --workdir /tmp/qs --mode generate
+  python -m sdcil_jax.main --config configs/cifar100.py:steps=10 --mode prepare
 
 modes:
+  prepare   prepare the datasets the config needs in dataset.data_dir (tfds; needs the
+            `prepare` extra, except for digits; ImageNet needs its archives in
+            <data_dir>/downloads/manual/); --workdir is optional
   generate  fill the replay store (resumable; finished shards are kept)
   train     train and evaluate (the replay store must be complete)
   all       generate, then train (default)
@@ -35,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="config file, optionally with an argument: "
                         "configs/cifar100.py:steps=5")
     parser.add_argument("--workdir", help="output folder (results, replay store, checkpoints)")
-    parser.add_argument("--mode", default="all", choices=["generate", "train", "all"])
+    parser.add_argument("--mode", default="all", choices=["prepare", "generate", "train", "all"])
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--list-keys", action="store_true", help="print every config key and exit")
     return parser
@@ -54,13 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in sorted(config_lib._leaves(config_lib.base_config()).items()):
             print(f"{key} = {value!r}")
         return 0
-    if not args.config or not args.workdir:
+    if not args.config or not (args.workdir or args.mode == "prepare"):
         print("error: --config and --workdir are required (see --help).", file=sys.stderr)
         return 2
     try:
         config = config_lib.load_config_file(args.config)
         config_lib.apply_overrides(config, overrides)
         config_lib.validate(config)
+        if args.mode == "prepare":
+            from sdcil_jax.data.prepare import prepare
+
+            for line in prepare(config):
+                print(line)
+            return 0
         from sdcil_jax.runner import run
 
         run(config, os.path.abspath(args.workdir), mode=args.mode, progress=not args.no_progress)

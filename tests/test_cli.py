@@ -23,7 +23,7 @@ CASES = [
     (["--config.dataset.name=no_such_dataset"], "Unknown dataset 'no_such_dataset'"),
     (["--config.scenario.increment=0"], "scenario.increment must be positive"),
     (["--config.scenario.initial_increment=12"], "initial_increment"),
-    (["--config.scenario.class_order=[0,1,2,3,4,5,6,7,8,8]"], "duplicate"),
+    (["--config.scenario.class_order=[0,1,2,3,4,5,6,7,8,8]"], "more than once"),
     (["--config.generation.backend=sd", "--config.generation.model=/nonexistent/sd-folder"],
      "Local model folder /nonexistent/sd-folder does not exist"),
     (["--config.method.name=icarus"], "method.name='icarus' is not one of"),

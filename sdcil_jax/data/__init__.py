@@ -1,7 +1,12 @@
-"""Datasets, class orders, incremental task splits and exemplar selection."""
+"""Datasets, class orders, incremental task splits and exemplar selection.
+
+Preparing datasets (``--mode prepare``) lives in :mod:`sdcil_jax.data.prepare`
+(``from sdcil_jax.data.prepare import prepare``).
+"""
 
 from sdcil_jax.data.datasets import (
     Dataset,
+    apply_class_name_overrides,
     dataset_num_classes,
     holdout_split,
     load_dataset,
@@ -20,6 +25,7 @@ from sdcil_jax.data.scenario import (
 __all__ = [
     "Dataset",
     "Scenario",
+    "apply_class_name_overrides",
     "build_scenario",
     "dataset_num_classes",
     "herding_select",

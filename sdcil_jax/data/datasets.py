@@ -9,7 +9,7 @@ extra).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -61,9 +61,9 @@ def _unknown(name: str) -> DataError:
 def _not_prepared(name: str, data_dir: str) -> DataError:
     where = _shown_dir(data_dir)
     return DataError(
-        f"Dataset {name} is not prepared in {where}; run `python -m sdcil_jax.main --mode prepare "
-        f"--config.dataset.name={name}` or `tfds build {name} --file_format=array_record "
-        f"--data_dir={where}` with the `prepare` extra installed."
+        f"Dataset {name} is not prepared in {where}; run `python -m sdcil_jax.main --config "
+        f"<your config> --mode prepare` (or `tfds build {name} --file_format=array_record "
+        f"--data_dir={where}`) with the `prepare` extra installed."
     )
 
 
@@ -263,30 +263,47 @@ def prepare_dataset(name: str, data_dir: str = "") -> str:
     """Prepare ``name`` in ArrayRecord format under ``data_dir``; return the prepared folder.
 
     'digits' needs nothing else; other tfds datasets need TensorFlow (the ``prepare`` extra) and,
-    depending on the dataset, the network or a manual download.
+    depending on the dataset, the network or a manual download. See :mod:`sdcil_jax.data.prepare`.
     """
-    if _base_name(name) in (DIGITS, digits_lib.DIGITS_NAME):
-        return str(digits_lib.digits_builder(data_dir).data_dir)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
-    except tfds.core.registered.DatasetNotFoundError as exc:
-        raise _unknown(name) from exc
-    if builder.is_prepared():
-        return str(builder.data_dir)
-    if importlib.util.find_spec("tensorflow") is None:
-        raise DataError(
-            f"Preparing dataset {name} needs TensorFlow; install the `prepare` extra "
-            "(pip install 'sdcil_jax[prepare]') or use the embedded 'digits' dataset."
-        )
-    try:
-        builder.download_and_prepare()
-    except Exception as exc:  # noqa: BLE001 - network, manual download, ...: one line for the user
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"Preparing dataset {name} in {_shown_dir(data_dir)} failed ({first_line}); fix "
-            "the cause (network access, manual download) and run prepare again."
-        ) from exc
-    return str(builder.data_dir)
+    from sdcil_jax.data.prepare import prepare_dataset as _prepare  # prepare imports this module
+
+    return _prepare(name, data_dir).path
+
+
+def apply_class_name_overrides(class_names: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """Return ``class_names`` (readable names by label id) with ``'ID=readable name'`` overrides.
+
+    ``overrides`` is ``config.dataset.class_names``, e.g. ``["12=red bridge", "134=crane bird"]``
+    (ImageNet has two classes whose first lemma is 'crane' and two 'maillot'). Raises
+    :class:`DataError` for a malformed entry, an id outside the dataset's label ids, an empty name or
+    an id given twice.
+    """
+    names = [str(n) for n in class_names]
+    given: dict[int, str] = {}
+    for item in overrides:
+        head, sep, text = str(item).partition("=")
+        head, text = head.strip(), text.strip()
+        if not sep or not head.isdigit():
+            raise DataError(
+                f"dataset.class_names entry {item!r} must look like 'ID=readable name', e.g. "
+                "'30=dolphin'."
+            )
+        class_id = int(head)
+        if class_id >= len(names):
+            raise DataError(
+                f"dataset.class_names entry {item!r} names class {class_id}, but the dataset's label "
+                f"ids are 0..{len(names) - 1}; use a label id of this dataset."
+            )
+        if not text:
+            raise DataError(f"dataset.class_names entry {item!r} has an empty name; write one after '='.")
+        if class_id in given:
+            raise DataError(
+                f"dataset.class_names names class {class_id} twice ({given[class_id]!r} and "
+                f"{text!r}); keep one entry per class."
+            )
+        given[class_id] = text
+        names[class_id] = text
+    return names
 
 
 def holdout_split(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

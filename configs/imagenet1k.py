@@ -1,0 +1,136 @@
+"""ImageNet-1k B500: PODNet's protocol (500 base classes, then 5 or 10 steps) + SD replay.
+
+All 1000 classes of tfds ``imagenet2012`` in PODNet's ``imagenet1000`` order.
+
+Prepare ImageNet once: download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from
+https://image-net.org into ``<data_dir>/downloads/manual/`` (``<data_dir>`` is dataset.data_dir, by
+default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), install the ``prepare`` extra
+(``pip install -e ".[prepare]"``), then:
+
+    python -m sdcil_jax.main --config configs/imagenet1k.py --mode prepare
+    python -m sdcil_jax.main --config configs/imagenet1k.py:steps=10,synthetic=both \\
+        --workdir runs/imagenet1k_b500_10steps
+
+Arguments after ``:`` (comma-separated ``key=value``, all optional; defaults marked *):
+  steps=5*|10                tasks after the 500 base classes (100 or 50 new classes per task)
+  synthetic=none|distillation|classification|both*
+                             where the generated images of old classes are used
+  generator=sd*|tiny_sd|real_holdout
+                             SD v1.4 (Flax weights, bf16); the tiny offline random pipeline (smoke
+                             runs: 64x64, 5 steps); or 100 held-out real training images per class
+  memory=real*|synthetic     20 real exemplars per class (herding), or the synthetic images instead
+  per_class=N                synthetic images per old class used in training (default 100)
+
+Defaults are PODNet's ImageNet protocol (docs/method.md): ResNet-18, LSC with 10 proxies, NCA margin
+0.6, POD-flat 10, POD-spatial 8, gradients clamped to [-5, 5], SGD momentum 0.9, weight decay 1e-4,
+90 epochs at lr 0.05 (cosine), batch 64, memory 20 per class by herding, balanced finetuning for 20
+epochs at lr 0.01; random-resized crop 224, flip, brightness jitter 63/255; test: resize 256 + centre
+crop 224, decoded and augmented on the host (dataset.pipeline='host').
+"""
+
+from sdcil_jax.config import base_config
+from sdcil_jax.errors import ConfigError
+
+_FILE = "configs/imagenet1k.py"
+_CHOICES = {
+    "steps": ("5", "10"),
+    "synthetic": ("none", "distillation", "classification", "both"),
+    "generator": ("sd", "tiny_sd", "real_holdout"),
+    "memory": ("real", "synthetic"),
+    "per_class": ("N",),
+}
+_DEFAULTS = {"steps": "5", "synthetic": "both", "generator": "sd", "memory": "real", "per_class": ""}
+NUM_CLASSES = 1000
+BASE_CLASSES = 500
+# [ours] 100 generated images per class: up to 900 old classes make 90k SD images (500 per class,
+# as for CIFAR100, would be 450k); raise with --config.generation.per_class and per_class=N.
+SYNTHETIC_PER_CLASS = 100
+HOLDOUT_PER_CLASS = 100  # [ours] real_holdout pool (ImageNet has at least 732 training images a class)
+
+
+def _usage() -> str:
+    return "; ".join(f"{k}={'|'.join(v)}" for k, v in _CHOICES.items())
+
+
+def parse_arg(arg: str) -> dict:
+    """``'steps=10,synthetic=none'`` -> every argument with its value (defaults filled in)."""
+    values, given = dict(_DEFAULTS), set()
+    for item in (p.strip() for p in (arg or "").split(",")):
+        if not item:
+            continue
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or key not in _CHOICES:
+            raise ConfigError(f"{_FILE}: unknown argument {item!r}; valid arguments: {_usage()}.")
+        if key in given:
+            raise ConfigError(f"{_FILE}: argument {key} is given twice; give it once.")
+        given.add(key)
+        if key == "per_class":
+            if not value.isdigit() or int(value) == 0:
+                raise ConfigError(f"{_FILE}: per_class={value!r} must be a positive integer.")
+        elif value not in _CHOICES[key]:
+            raise ConfigError(f"{_FILE}: {key}={value!r} is not one of {', '.join(_CHOICES[key])}.")
+        values[key] = value
+    return values
+
+
+def get_config(arg: str = ""):
+    a = parse_arg(arg)
+    c = base_config()
+    c.dataset.name = "imagenet2012"
+    c.dataset.pipeline = "host"  # JPEG decoding + augmentation on the host, prefetched to devices
+    c.dataset.image_size = 224
+    c.dataset.test_resize = 256
+
+    steps = int(a["steps"])
+    c.scenario.initial_increment = BASE_CLASSES
+    c.scenario.increment = (NUM_CLASSES - BASE_CLASSES) // steps
+    c.scenario.class_order = "imagenet1000"
+
+    c.model.name = "resnet18"
+    c.model.small_stem = False
+    c.model.last_relu = False
+
+    c.method.name = "podnet"
+    c.method.pod_flat = 10.0
+    c.method.pod_spatial = 8.0
+    c.method.nca_margin = 0.6
+    c.method.proxies_per_class = 10
+    c.method.grad_clip = 5.0
+    c.method.finetune_epochs = 20
+    c.method.finetune_lr = 0.01
+
+    c.memory.per_class = 20
+    c.memory.selection = "herding"
+
+    c.train.epochs = 90
+    c.train.batch_size = 64
+    c.train.lr = 0.05
+    c.train.momentum = 0.9
+    c.train.weight_decay = 1e-4
+    c.train.eval_batch_size = 256
+    c.train.crop_padding = 0  # the host pipeline does the random-resized crop
+    c.train.flip = True
+    c.train.brightness = 63 / 255
+
+    c.generation.backend = a["generator"]
+    c.generation.model = "CompVis/stable-diffusion-v1-4"
+    c.generation.revision = "flax"
+    c.generation.dtype = "bfloat16"
+    c.generation.guidance_scale = 2.0
+    c.generation.num_inference_steps = 50
+    c.generation.resolution = 512
+    c.generation.prompt_templates = ["a photo of a {}"]
+    c.generation.per_class = SYNTHETIC_PER_CLASS
+    if a["generator"] == "tiny_sd":  # [ours] smoke runs: the random pipeline's images are noise
+        c.generation.resolution = 64
+        c.generation.num_inference_steps = 5
+    elif a["generator"] == "real_holdout":
+        c.generation.per_class = HOLDOUT_PER_CLASS
+        c.dataset.holdout_per_class = HOLDOUT_PER_CLASS
+
+    c.synthetic.use_in = a["synthetic"]
+    c.synthetic.replace_memory = a["memory"] == "synthetic"
+    c.synthetic.per_class = int(a["per_class"]) if a["per_class"] else c.generation.per_class
+    c.synthetic.batch_size = 64  # [ours] one synthetic batch the size of the real batch per step
+    c.synthetic.diagnostic_per_class = 0
+    return c

@@ -1,0 +1,96 @@
+"""End-to-end runs of the quickstart scenario (shortened), through the CLI and ``sdcil_jax.run``."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sdcil_jax
+from sdcil_jax.config import load_config_file
+from sdcil_jax.errors import GenerationError
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.py")
+SHORT = ["--config.train.epochs=1", "--config.method.finetune_epochs=1",
+         "--config.scenario.max_tasks=2", "--config.generation.num_inference_steps=2",
+         "--config.generation.per_class=8", "--config.synthetic.per_class=8",
+         "--config.dataset.holdout_per_class=8"]
+
+
+def short_config(tfds_dir, **overrides):
+    config = load_config_file(QUICKSTART)
+    config.dataset.data_dir = str(tfds_dir)
+    config.train.epochs = 1
+    config.method.finetune_epochs = 1
+    config.scenario.max_tasks = 2
+    config.generation.per_class = 8
+    config.generation.num_inference_steps = 2
+    config.synthetic.per_class = 8
+    config.dataset.holdout_per_class = 8
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config
+
+
+@pytest.mark.slow
+def test_quickstart_cli_writes_results(tmp_path):
+    workdir = tmp_path / "qs"
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdcil_jax.main", "--config", QUICKSTART, "--workdir", str(workdir),
+         "--no-progress", *SHORT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "average incremental accuracy (CNN)" in proc.stdout
+    results = json.loads((workdir / "results.json").read_text())
+    for key in ("avg_incremental_accuracy", "last_accuracy", "accuracy_matrix", "forgetting",
+                "per_task", "config", "class_order", "versions"):
+        assert key in results
+    assert len(results["per_task"]) == 2 and len(results["accuracy_matrix"][1]) == 2
+    assert results["config"]["method"]["name"] == "podnet"
+    assert results["per_task"][1]["synthetic_images"] == 2 * 8
+    for name in ("accuracy_per_task.png", "accuracy_matrix.png", "metrics.jsonl",
+                 "replay_store/manifest.json", "replay_store/preview.png"):
+        assert (workdir / name).exists(), name
+    events = [json.loads(line)["event"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("task") == 2 and "train" in events and "finetune" in events
+
+
+ARMS = {
+    "finetune": dict(method__name="finetune", synthetic__use_in="none"),
+    "podnet": dict(method__name="podnet", synthetic__use_in="none"),
+    "podnet_distillation": dict(method__name="podnet", synthetic__use_in="distillation"),
+    "podnet_classification": dict(method__name="podnet", synthetic__use_in="classification"),
+    "podnet_both": dict(method__name="podnet", synthetic__use_in="both"),
+    "podnet_replace_memory": dict(method__name="podnet", synthetic__use_in="none",
+                                  synthetic__replace_memory=True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", sorted(ARMS))
+def test_ablation_arms_run(arm, tmp_path):
+    config = short_config(tmp_path / "tfds", generation__backend="real_holdout",
+                          synthetic__diagnostic_per_class=0, **ARMS[arm])
+    results = sdcil_jax.run(config, str(tmp_path / arm), progress=False)
+    assert 0.0 <= results["last_accuracy"] <= 100.0
+    assert results["per_task"][1]["train_images"] > 0
+    if ARMS[arm].get("synthetic__replace_memory"):
+        assert results["per_task"][1]["synthetic_images"] == 2 * 8
+
+
+@pytest.mark.slow
+def test_generate_then_train_and_domain_gap(tmp_path):
+    config = short_config(tmp_path / "tfds", generation__backend="real_holdout",
+                          synthetic__per_class=6, synthetic__diagnostic_per_class=2)
+    workdir = str(tmp_path / "w")
+    with pytest.raises(GenerationError, match="--mode generate"):
+        sdcil_jax.run(config, workdir, mode="train", progress=False)
+    out = sdcil_jax.run(config, workdir, mode="generate", progress=False)
+    assert len(out["classes"]) == 4  # diagnostic on: the last task's classes are generated too
+    results = sdcil_jax.run(config, workdir, mode="train", progress=False)
+    gaps = [r["synthetic_accuracy"] for r in results["per_task"]]
+    assert all(g is not None and 0 <= g <= 100 for g in gaps)

@@ -1,0 +1,387 @@
+"""The host input pipeline: determinism, sharding over processes, resume, transforms, device arrays."""
+
+import io
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdcil_jax.data import host_pipeline as hp
+
+SIZE = 24  # output side used in the tests (small for speed)
+
+
+def _jpeg(array: np.ndarray, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _random_image(rng: np.random.Generator, lo: int = 12, hi: int = 70) -> np.ndarray:
+    h, w = (int(v) for v in rng.integers(lo, hi, size=2))
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _source(n: int, *, encoded: bool = True, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        image = _random_image(rng)
+        out.append({"image": _jpeg(image) if encoded else image, "label": np.int64(i % 7)})
+    return out
+
+
+def _collect(iterator) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    return [tuple(np.asarray(x).copy() for x in batch) for batch in iterator]
+
+
+def _assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for u, v in zip(x, y, strict=True):
+            np.testing.assert_array_equal(u, v)
+
+
+def _pipe(source, **kwargs) -> hp.HostPipeline:
+    defaults = dict(
+        batch_size=8,
+        train=True,
+        image_size=SIZE,
+        test_resize=28,
+        workers=2,
+        prefetch=2,
+        seed=3,
+        process_index=0,
+        process_count=1,
+    )
+    defaults.update(kwargs)
+    return hp.HostPipeline(source, **defaults)
+
+
+SOURCE = _source(21)
+
+
+# --- determinism, processes, resume -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_same_batches_whatever_the_workers(train):
+    one = _collect(_pipe(SOURCE, workers=1, train=train).iterate(num_epochs=2))
+    three = _collect(_pipe(SOURCE, workers=3, prefetch=3, train=train).iterate(num_epochs=2))
+    inline = _collect(_pipe(SOURCE, workers=0, train=train).iterate(num_epochs=2))
+    _assert_same(one, three)
+    _assert_same(one, inline)
+    if train:
+        assert len(one) == 2 * (21 // 8)
+        assert not np.array_equal(one[0][0], one[2][0])  # epochs differ (order and augmentation)
+    else:
+        assert len(one) == 2 * 3
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_two_processes_make_the_global_batch(train):
+    whole = _collect(_pipe(SOURCE, train=train).iterate(num_epochs=2))
+    parts = [
+        _collect(
+            _pipe(SOURCE, train=train, process_index=p, process_count=2, workers=1 + p).iterate(num_epochs=2)
+        )
+        for p in range(2)
+    ]
+    assert len(parts[0]) == len(parts[1]) == len(whole)
+    for step, batch in enumerate(whole):
+        assert parts[0][step][0].shape[0] == 4
+        for field in range(3):
+            joined = np.concatenate([parts[0][step][field], parts[1][step][field]])
+            np.testing.assert_array_equal(joined, batch[field])
+
+
+def test_epoch_order_is_a_seeded_permutation_of_the_indices():
+    indices = np.arange(3, 19)
+    pipe = _pipe(SOURCE, indices=indices)
+    order = pipe.epoch_order(5)
+    np.testing.assert_array_equal(np.sort(order), indices)
+    np.testing.assert_array_equal(order, indices[np.random.default_rng([3, 5]).permutation(16)])
+    assert not np.array_equal(order, pipe.epoch_order(6))
+    labels = np.concatenate([b.labels for b in pipe.iterate(epoch=5)])
+    np.testing.assert_array_equal(labels, order[: labels.size] % 7)
+
+
+def test_resume_equals_the_uninterrupted_run():
+    reference = _collect(_pipe(SOURCE).iterate(epoch=0, num_epochs=3))  # 2 steps per epoch
+    for cut in range(1, len(reference)):
+        first = _pipe(SOURCE)
+        got = []
+        for _ in range(3):
+            for batch in first:  # the rest of the current epoch
+                got.append(tuple(np.asarray(x).copy() for x in batch))
+                if len(got) == cut:
+                    break
+            if len(got) == cut:
+                break
+        state = first.state()
+        assert state == {"epoch": cut // 2, "step": cut % 2}
+        second = _pipe(SOURCE, workers=1)
+        second.restore(state)
+        while len(got) < len(reference):
+            got += _collect(second)  # one (remaining) epoch at a time
+        _assert_same(got, reference)
+    started = _pipe(SOURCE, start_epoch=1, start_step=1)
+    _assert_same(_collect(started.iterate(num_epochs=2)), reference[3:])
+    assert started.state() == {"epoch": 3, "step": 0}
+
+
+def test_eval_pads_the_last_batch_and_train_drops_it():
+    source = _source(10)
+    evaluation = _pipe(source, train=False, batch_size=4)
+    assert evaluation.steps_per_epoch == len(evaluation) == 3
+    batches = _collect(evaluation)
+    assert [b[2].tolist() for b in batches][-1] == [True, True, False, False]
+    assert all(b[2].all() for b in batches[:-1])
+    last_images, last_labels = batches[-1][0], batches[-1][1]
+    assert not last_images[2:].any() and last_labels[2:].tolist() == [0, 0]
+    np.testing.assert_array_equal(
+        np.concatenate([b[1] for b in batches])[:10], np.arange(10) % 7
+    )  # evaluation keeps the source order
+    assert _pipe(source, batch_size=4).steps_per_epoch == 2
+    with pytest.raises(ValueError, match="no full batch"):
+        _pipe(source, batch_size=16)
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        _pipe(source, batch_size=5, process_count=2)
+
+
+def test_labels_map():
+    table = {k: 10 + k for k in range(7)}
+    for labels_map in (table, np.arange(10, 17), lambda k: 10 + k):
+        labels = _pipe(SOURCE, labels_map=labels_map, train=False).batch(0, 0).labels
+        assert labels.dtype == np.int32
+        np.testing.assert_array_equal(labels, 10 + np.arange(8) % 7)
+
+
+# --- transforms ---------------------------------------------------------------------------------
+
+
+def test_transform_shapes_and_determinism():
+    rng = np.random.default_rng(0)
+    for value in (_random_image(rng), _jpeg(_random_image(rng))):
+        out = hp.train_transform(value, np.random.default_rng(1), image_size=SIZE)
+        assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
+        again = hp.train_transform(value, np.random.default_rng(1), image_size=SIZE)
+        np.testing.assert_array_equal(out, again)
+        test = hp.eval_transform(value, image_size=SIZE, resize=28)
+        assert test.shape == (SIZE, SIZE, 3) and test.dtype == np.uint8
+        np.testing.assert_array_equal(test, hp.eval_transform(value, image_size=SIZE, resize=28))
+
+
+def test_test_transform_matches_resize_then_centre_crop():
+    rng = np.random.default_rng(5)
+    small = rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(small).resize((300, 200), Image.Resampling.BICUBIC))
+    out = hp.eval_transform(image, image_size=224, resize=256).astype(np.float32)
+    resized = Image.fromarray(image).resize((384, 256), Image.Resampling.BILINEAR)
+    ref = np.asarray(resized)[16:240, 80:304].astype(np.float32)
+    assert np.abs(out - ref).mean() < 1.0
+
+
+def test_random_resized_crop_stays_in_bounds():
+    for height, width in [(1, 1), (1, 50), (50, 1), (2, 3), (7, 5), (224, 224), (4000, 6000), (20000, 300)]:
+        for i in range(200):
+            top, left, h, w = hp.random_resized_crop_box(height, width, np.random.default_rng(i))
+            assert 1 <= h <= height and 1 <= w <= width
+            assert 0 <= top <= height - h and 0 <= left <= width - w
+    # impossible scale: the centred fallback with the aspect ratio clamped to [3/4, 4/3]
+    assert hp.random_resized_crop_box(100, 400, np.random.default_rng(0), scale=(2, 3)) == (0, 133, 100, 133)
+    assert hp.random_resized_crop_box(80, 60, np.random.default_rng(0), scale=(2, 3)) == (0, 0, 80, 60)
+
+
+def test_tiny_huge_grayscale_and_odd_inputs_become_rgb():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (40, 30), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (20, 25, 4), dtype=np.uint8)
+    cmyk = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).convert("CMYK").save(
+        cmyk, format="JPEG"
+    )
+    values = [
+        np.zeros((1, 1, 3), np.uint8),
+        rng.integers(0, 256, (1, 90, 3), dtype=np.uint8),
+        rng.integers(0, 256, (3000, 2000, 3), dtype=np.uint8),
+        gray,
+        gray[:, :, None],
+        _jpeg(gray),
+        _jpeg(rgba, "PNG"),
+        cmyk.getvalue(),
+        np.array(_jpeg(gray), dtype=object),  # 0-d object array, as some sources return
+        Image.fromarray(gray),
+    ]
+    for i, value in enumerate(values):
+        train = hp.train_transform(value, np.random.default_rng(i), image_size=SIZE)
+        test = hp.eval_transform(value, image_size=SIZE, resize=28)
+        assert train.shape == test.shape == (SIZE, SIZE, 3)
+        assert train.dtype == test.dtype == np.uint8
+    out = hp.eval_transform(gray, image_size=SIZE, resize=28)
+    np.testing.assert_array_equal(out[..., 0], out[..., 1])  # gray stays gray in RGB
+    with pytest.raises(TypeError):
+        hp.to_pil_rgb(np.zeros((4, 4, 3), np.float32))
+
+
+def test_brightness_is_multiplicative_and_flip_flips():
+    image = np.full((30, 30, 3), 100, np.uint8)
+    factors = set()
+    for i in range(50):
+        out = hp.train_transform(
+            image, np.random.default_rng(i), image_size=8, scale=(1, 1), ratio=(1, 1), flip=False
+        )
+        assert (out == out[0, 0, 0]).all()
+        factors.add(int(out[0, 0, 0]))
+    assert min(factors) >= int(100 * (1 - hp.BRIGHTNESS)) and max(factors) <= int(100 * (1 + hp.BRIGHTNESS))
+    assert max(factors) - min(factors) > 30
+    ramp = np.tile(np.arange(0, 240, 8, dtype=np.uint8)[None, :, None], (30, 1, 3))
+    flips = 0
+    for i in range(20):
+        kw = dict(image_size=30, scale=(1, 1), ratio=(1, 1), brightness=0.0)
+        out = hp.train_transform(ramp, np.random.default_rng(i), **kw).astype(int)
+        flips += out[0, 0, 0] > out[0, -1, 0]
+    assert 0 < flips < 20
+
+
+# --- devices, tfds ------------------------------------------------------------------------------
+
+
+def test_device_iterator_gives_sharded_global_arrays():
+    assert jax.device_count() == 4
+    pipe = _pipe(SOURCE, train=False, batch_size=8)
+    host = _collect(_pipe(SOURCE, train=False, batch_size=8))
+    got = list(pipe.device_iterator())
+    assert len(got) == len(host) == 3 and pipe.state() == {"epoch": 1, "step": 0}
+    for batch, ref in zip(got, host, strict=True):
+        assert batch.images.shape == (8, SIZE, SIZE, 3) and batch.images.dtype == np.uint8
+        assert batch.labels.dtype == np.int32 and batch.mask.dtype == np.bool_
+        for array, expected in zip(batch, ref, strict=True):
+            assert isinstance(array, jax.Array)
+            assert len(array.sharding.device_set) == 4
+            assert {s.data.shape[0] for s in array.addressable_shards} == {2}
+            np.testing.assert_array_equal(np.asarray(array), expected)
+    # stopping early leaves a resumable state and stops the producer thread
+    train = _pipe(SOURCE, prefetch=1)
+    iterator = train.device_iterator(num_epochs=None)
+    first = np.asarray(next(iterator).images)
+    iterator.close()
+    assert train.state() == {"epoch": 0, "step": 1}
+    np.testing.assert_array_equal(first, _pipe(SOURCE).batch(0, 0).images)
+    with pytest.raises(ValueError, match="process layout"):
+        _pipe(SOURCE, process_count=2).device_iterator()
+
+
+def test_tfds_mock_imagenet2012_source():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=12):
+        # Without TensorFlow the mock can only serve decoded images (numpy arrays of random sizes).
+        source = hp.tfds_source("imagenet2012", "train", decode=True)
+        pipe = _pipe(source, batch_size=4, workers=2)
+        batches = _collect(pipe.iterate(num_epochs=1))
+        reference = _collect(_pipe(source, batch_size=4, workers=1).iterate(num_epochs=1))
+    assert len(batches) == 3
+    _assert_same(batches, reference)
+    for images, labels, mask in batches:
+        assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == np.uint8
+        assert ((labels >= 0) & (labels < 1000)).all() and mask.all()
+
+
+class _SerializedImagenetSource:
+    """Records serialized with the real ``imagenet2012`` features and read back the way a prepared
+    ``tfds.data_source`` reads its ArrayRecord files (``features.deserialize_example_np``)."""
+
+    def __init__(self, tfds, images, decoders):
+        self.features = tfds.builder("imagenet2012").info.features
+        self.decoders = decoders
+        self.records = [
+            self.features.serialize_example({"image": _jpeg(im), "label": i, "file_name": f"{i}.JPEG"})
+            for i, im in enumerate(images)
+        ]
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.features.deserialize_example_np(self.records[i], decoders=self.decoders)
+
+
+def test_prepared_imagenet2012_records_decode_without_tensorflow():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    rng = np.random.default_rng(1)
+    images = [_random_image(rng) for _ in range(6)] + [rng.integers(0, 256, (30, 20), np.uint8)]
+    raw = _SerializedImagenetSource(tfds, images, {"image": tfds.decode.SkipDecoding()})
+    assert isinstance(raw[0]["image"], bytes)  # what tfds_source(decode=False) hands over
+    decoded = _SerializedImagenetSource(tfds, images, None)
+    assert decoded[6]["image"].shape == (30, 20, 3)  # tfds decodes grayscale JPEGs to 3 channels
+    for train in (True, False):
+        a = _collect(_pipe(raw, batch_size=7, train=train).iterate())
+        b = _collect(_pipe(decoded, batch_size=7, train=train).iterate())
+        _assert_same(a, b)
+        if not train:
+            np.testing.assert_array_equal(a[0][1], np.arange(7))
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
+from sdcil_jax.data.host_pipeline import HostPipeline
+
+rng = np.random.default_rng(0)
+source = [{"image": rng.integers(0, 256, (int(rng.integers(12, 60)), 40, 3), dtype=np.uint8),
+           "label": i} for i in range(21)]
+kw = dict(batch_size=8, train=False, image_size=16, test_resize=20, workers=2)
+pipe = HostPipeline(source, **kw)
+ref = HostPipeline(source, process_index=0, process_count=1, **kw)
+ok = pipe.local_batch_size == 4
+for step, batch in enumerate(pipe.device_iterator()):
+    got = [multihost_utils.process_allgather(x, tiled=True) for x in batch]
+    ok &= all(np.array_equal(g, r) for g, r in zip(got, ref.batch(0, step)))
+ok &= pipe.state() == {"epoch": 1, "step": 0} and step == 2
+print("RESULT", jax.process_count(), jax.device_count(), ok)
+"""
+
+
+def test_device_iterator_in_two_real_processes(tmp_path):
+    """Two JAX processes (gloo, 2 CPU devices each) assemble exactly the single-process batches."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    script = tmp_path / "two_process.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), port],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output[-2000:]
+        assert "RESULT 2 4 True" in output, output[-2000:]
