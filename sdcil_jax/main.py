@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", help="output folder (results, replay store, checkpoints)")
     parser.add_argument("--mode", default="all", choices=["prepare", "generate", "train", "all"])
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--restart", action="store_true",
+                        help="start training over in a workdir whose checkpoints were made with "
+                        "another config (they are moved aside, not deleted)")
     parser.add_argument("--list-keys", action="store_true", help="print every config key and exit")
     return parser
 
@@ -71,9 +74,15 @@ def main(argv: list[str] | None = None) -> int:
             for line in prepare(config):
                 print(line)
             return 0
+        from sdcil_jax.preemption import Preempted
         from sdcil_jax.runner import run
 
-        run(config, os.path.abspath(args.workdir), mode=args.mode, progress=not args.no_progress)
+        try:
+            run(config, os.path.abspath(args.workdir), mode=args.mode,
+                progress=not args.no_progress, restart=args.restart)
+        except Preempted as exc:
+            print(f"stopped: {exc}", file=sys.stderr)
+            return exc.exit_code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

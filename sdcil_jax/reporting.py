@@ -55,6 +55,22 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(_plain(record)) + "\n")
+            f.flush()
+
+    def count(self) -> int:
+        """Complete lines written so far."""
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            return sum(1 for line in f if line.endswith("\n"))
+
+    def truncate(self, lines: int) -> None:
+        """Keep the first ``lines`` complete lines (on resume, drop what the checkpoint lacks)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.endswith("\n")][:lines]
+        atomic_write_text(self.path, "".join(kept))
 
 
 def _plain(obj: Any) -> Any:

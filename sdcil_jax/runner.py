@@ -17,6 +17,7 @@ from sdcil_jax import config as config_lib
 from sdcil_jax.data import Dataset, build_scenario, holdout_split, load_dataset
 from sdcil_jax.errors import ConfigError, UserError
 from sdcil_jax.methods import method_class
+from sdcil_jax.preemption import PreemptionGuard
 
 MODES = ("generate", "train", "all")
 
@@ -136,24 +137,58 @@ def open_complete_store(exp: Experiment):
     return store
 
 
-def run(config, workdir: str, mode: str = "all", progress: bool = True) -> dict[str, Any]:
-    """Run generation and/or training; returns the results dict also written to results.json."""
+def run(config, workdir: str, mode: str = "all", progress: bool = True,
+        restart: bool = False) -> dict[str, Any]:
+    """Run generation and/or training; returns the results dict also written to results.json.
+
+    A rerun in the same ``workdir`` resumes from the newest good checkpoint; a rerun with a config
+    that changes results is refused unless ``restart`` (then the old checkpoints and results are
+    moved aside, never deleted).
+    """
     if mode not in MODES:
         raise UserError(f"Unknown --mode {mode!r}; use one of {', '.join(MODES)}.")
     exp = prepare_experiment(config, workdir)
-    store = None
-    if exp.uses_synthetic and mode in ("generate", "all"):
-        store = generate(exp, progress)
-    if mode == "generate":
-        return {"mode": "generate", "store_dir": exp.store_dir,
-                "classes": exp.generated_classes()}
-    if exp.uses_synthetic and store is None:
-        store = open_complete_store(exp)
-    return train_all(exp, store, progress)
+    checkpointer = None
+    if mode in ("train", "all"):
+        checkpointer = open_checkpointer(exp, restart)
+    with PreemptionGuard() as guard:
+        store = None
+        if exp.uses_synthetic and mode in ("generate", "all"):
+            store = generate(exp, progress)
+        if mode == "generate":
+            return {"mode": "generate", "store_dir": exp.store_dir,
+                    "classes": exp.generated_classes()}
+        if exp.uses_synthetic and store is None:
+            store = open_complete_store(exp)
+        from sdcil_jax.task_loop import TaskLoop
+
+        try:
+            return TaskLoop(exp, store, progress, checkpointer, guard).run()
+        finally:
+            checkpointer.close()
 
 
-def train_all(exp: Experiment, store, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate every task; write and return the results."""
-    from sdcil_jax.task_loop import TaskLoop
+def open_checkpointer(exp: Experiment, restart: bool):
+    """The run's checkpoints, refused if they were made with a config that changes results."""
+    from sdcil_jax.checkpoint import Checkpointer, fingerprint_fields
 
-    return TaskLoop(exp, store, progress).run()
+    extra = {"scenario.resolved_class_order": [int(c) for c in exp.scenario.class_order],
+             "scenario.num_tasks_resolved": exp.scenario.num_tasks,
+             "dataset.image_shape": list(exp.dataset.image_shape),
+             "runtime.device_count": jax.device_count()}
+    ckpt = Checkpointer(os.path.join(exp.workdir, "checkpoints"), keep=exp.config.checkpoint.keep,
+                        fingerprint_fields=fingerprint_fields(exp.config, extra=extra))
+    if restart:
+        moved = ckpt.restart()
+        if moved:
+            for name in ("results.json", "metrics.jsonl", "accuracy_per_task.png",
+                         "accuracy_matrix.png"):
+                path = os.path.join(exp.workdir, name)
+                if os.path.exists(path):
+                    os.replace(path, os.path.join(moved, name))
+            print(f"--restart: previous checkpoints and results moved to {moved}", flush=True)
+    else:
+        ckpt.check_compatible()
+    return ckpt
+
+

@@ -17,15 +17,24 @@ from sdcil_jax import evaluate as ev
 from sdcil_jax import parallel, reporting
 from sdcil_jax import train as train_lib
 from sdcil_jax import trainer as tr
+from sdcil_jax.checkpoint import SaveTimer
 from sdcil_jax.methods import TaskInfo, get_method
 from sdcil_jax.models import build_backbone
+from sdcil_jax.preemption import Preempted, PreemptionGuard
 
 
 class TaskLoop:
     """Runs the scenario of an :class:`~sdcil_jax.runner.Experiment` task by task."""
 
-    def __init__(self, exp, store, progress: bool = True):
+    def __init__(self, exp, store, progress: bool = True, checkpointer=None,
+                 guard: PreemptionGuard | None = None):
         self.exp, self.store, self.progress = exp, store, progress
+        self.ckpt = checkpointer
+        self.guard = guard or PreemptionGuard()
+        self.save_id = 0
+        self.global_step = 0
+        self.wall_before = 0.0
+        self.resume_point: dict[str, Any] | None = None
         cfg, ds, sc = exp.config, exp.dataset, exp.scenario
         self.cfg, self.ds, self.sc = cfg, ds, sc
         self.mesh = parallel.make_mesh()
@@ -49,6 +58,7 @@ class TaskLoop:
         self.old_vars = None
         self.per_task: list[dict[str, Any]] = []
         self.synth_bs = cfg.synthetic.batch_size or cfg.train.batch_size
+        self.timer = SaveTimer(cfg.checkpoint.every_minutes, cfg.checkpoint.every_steps)
 
     # ------------------------------------------------------------------------------------ helpers
     def _synthetic(self, classes: list[int], start: int, count: int):
@@ -81,14 +91,20 @@ class TaskLoop:
 
     # -------------------------------------------------------------------------------------- task
     def run(self) -> dict[str, Any]:
-        clock = tr.timer()
-        for t in range(self.sc.num_tasks):
-            self.run_task(t)
+        self._clock = clock = tr.timer()
+        first = self.resume()
+        self.guard.deferred = True  # from now on a signal is handled after the current step
+        try:
+            for t in range(first, self.sc.num_tasks):
+                self.run_task(t)
+        finally:
+            self.guard.deferred = False
+        total_wall = self.wall_before + clock()
         acc_matrix = [r["task_accuracies"] for r in self.per_task]
         nme_matrix = [r["nme_task_accuracies"] for r in self.per_task
                       if r["nme_task_accuracies"] is not None]
         results = reporting.summarise(
-            self.exp, self.per_task, acc_matrix, nme_matrix, wall_time_s=clock(),
+            self.exp, self.per_task, acc_matrix, nme_matrix, wall_time_s=total_wall,
             norm=(np.asarray(self.mean).tolist(), np.asarray(self.std).tolist()))
         reporting.write_results(self.exp.workdir, results)
         reporting.print_table(results)
@@ -112,20 +128,24 @@ class TaskLoop:
         mem_idx = self._memory_indices(range(start))
         real_idx = method.real_indices(new_idx, mem_idx, seen_idx)
 
-        self._grow_head(method, t, start, end, task_key)
+        resume, self.resume_point = self.resume_point, None
+        if resume is None:
+            self._grow_head(method, t, start, end, task_key)
         use_synth = cfg.synthetic.use_in != "none" and len(synth_x) > 0
         pool_dev = (parallel.put_replicated(pool.images, self.mesh),
                     parallel.put_replicated(pool.labels, self.mesh))
-        self._train_stage(method, "train", real_idx, pool, pool_dev, task_key, t,
-                          self.synth_bs if use_synth else 0)
-        self._update_memory(method, start, end)
+        if resume is None or resume["phase"] == "train":
+            self._train_stage(method, "train", real_idx, pool, pool_dev, task_key, t,
+                              self.synth_bs if use_synth else 0, resume)
+            self._update_memory(method, start, end)
+            resume = None
         ft_epochs = method.finetune_epochs()
         if ft_epochs > 0:
             balanced = self._memory_indices(range(end))
             if cfg.synthetic.in_finetuning and not cfg.synthetic.replace_memory:
                 balanced = np.concatenate([balanced, np.arange(pool.synth_lo, pool.synth_hi)])
             self._train_stage(method, "finetune", balanced, pool, pool_dev,
-                              jax.random.fold_in(task_key, 1), t, 0)
+                              jax.random.fold_in(task_key, 1), t, 0, resume)
         result = self._evaluate(method, pool, t, start, end)
         result.update(task=t, num_classes=end, new_classes=sc.task_classes(t),
                       train_images=int(len(real_idx)), synthetic_images=int(len(synth_x)),
@@ -136,6 +156,10 @@ class TaskLoop:
         if method.needs_old_model:
             self.old_vars = parallel.put_replicated(
                 {"params": self.params, "batch_stats": self.batch_stats}, self.mesh)
+        done_state = train_lib.TrainState(step=np.zeros((), np.int32), params=self.params,
+                                          batch_stats=self.batch_stats, opt_state=())
+        self._save(t, "task_done", done_state)
+        self._stop_if_requested(f"after task {t + 1}")
 
     def _memory_indices(self, classes) -> np.ndarray:
         parts = [self.memory[c] for c in classes if c in self.memory]
@@ -154,7 +178,7 @@ class TaskLoop:
         self.params["head"] = method.grow_head(self.params["head"], head_key, end - start, feats)
 
     def _train_stage(self, method, stage: str, indices, pool, pool_dev, key, t: int,
-                     synth_batch: int) -> None:
+                     synth_batch: int, resume: dict[str, Any] | None = None) -> None:
         cfg = self.cfg
         finetune = stage == "finetune"
         epochs = method.finetune_epochs() if finetune else cfg.train.epochs
@@ -166,10 +190,24 @@ class TaskLoop:
         step_fn = jax.jit(make(self.backbone, method, tx, self._step_config(synth_batch),
                                self.mean, self.std, parallel.batch_sharded(self.mesh)),
                           donate_argnums=(0,))
-        state = parallel.put_replicated(init(self.params, self.batch_stats, tx), self.mesh)
+        start, sums = (0, 0), None
+        if resume is not None:
+            host_state = resume["state"]
+            start, sums = (resume["epoch"], resume["step"]), resume["sums"]
+        else:
+            host_state = init(self.params, self.batch_stats, tx)
+        state = parallel.put_replicated(host_state, self.mesh)
 
         def log_epoch(epoch, means):
             self.logger.log({"event": stage, "task": t, "epoch": epoch, **means})
+
+        def after_step(state, epoch, done, sums):
+            self.global_step += 1
+            stop = self.guard.requested is not None
+            if stop or self.timer.due(self.global_step):
+                self._save(t, stage, state, epoch, done, sums)
+            if stop:
+                self._stop_if_requested(f"in task {t + 1}, {stage} epoch {epoch + 1}, step {done}")
 
         state = tr.run_epochs(
             step_fn=step_fn, state=state, old_vars=self.old_vars, pool_dev=pool_dev,
@@ -177,7 +215,7 @@ class TaskLoop:
             synth_bounds=(pool.synth_lo, pool.synth_hi), task_key=key, mesh=self.mesh,
             seed=cfg.seed + (7919 if finetune else 0), task=t,
             desc=f"task {t + 1}/{self.sc.num_tasks} {stage}", log_fn=log_epoch,
-            progress=self.progress)
+            progress=self.progress, start=start, start_sums=sums, after_step=after_step)
         host = tr.state_on_host(state)
         self.params, self.batch_stats = host.params, host.batch_stats
 
@@ -219,3 +257,69 @@ class TaskLoop:
         x, y = self._synthetic(classes, self.cfg.synthetic.per_class, n)
         logits, _ = self._predict(eval_fn, x)
         return ev.accuracy(np.argmax(logits[:, :end], axis=1), y)
+
+    # ------------------------------------------------------------------------ checkpoint / resume
+    def _stop_if_requested(self, where: str) -> None:
+        signum = self.guard.requested
+        if signum is None:
+            return
+        import signal
+
+        raise Preempted(f"Stopped by {signal.Signals(signum).name} {where}; a checkpoint was saved, "
+                        "rerun the same command to resume.", signum)
+
+    def _save(self, t: int, phase: str, state, epoch: int = 0, step: int = 0, sums=None) -> None:
+        if self.ckpt is None:
+            return
+        self.save_id += 1
+        progress = {
+            "save": self.save_id, "task": t, "phase": phase, "epoch": epoch, "step": step,
+            "sums": {k: float(v) for k, v in (sums or {}).items()},
+            "metrics_lines": self.logger.count(), "global_step": self.global_step,
+            "wall_time_s": self.wall_before + self._clock(),
+        }
+        self.ckpt.save(self.save_id, state=state, memory=self.memory, progress=progress,
+                       metrics={"per_task": self.per_task}, old=self.old_vars)
+        self.timer.reset(self.global_step)
+
+    def _state_template(self, progress: dict[str, Any]):
+        """Shapes of the TrainState saved at ``progress`` (built without running anything)."""
+        t = progress["task"]
+        start, end = self.sc.task_range(t)
+        method = get_method(self.cfg, TaskInfo(task=t, num_old=start, num_new=end - start))
+        head = jax.eval_shape(lambda: method.init_head(jax.random.PRNGKey(0), self.feat_dim, end))
+        params = {"backbone": self.params["backbone"], "head": head}
+        if progress["phase"] == "task_done":
+            return jax.eval_shape(lambda: train_lib.TrainState(
+                step=jnp.zeros((), jnp.int32), params=params, batch_stats=self.batch_stats,
+                opt_state=()))
+        tx = train_lib.make_optimizer(1.0, self.cfg.train.momentum, 0.0, 1)
+        init = train_lib.init_head_state if progress["phase"] == "finetune" else train_lib.init_state
+        return jax.eval_shape(lambda: init(params, self.batch_stats, tx))
+
+    def resume(self) -> int:
+        """Restore the newest good checkpoint; returns the first task still to run."""
+        if self.ckpt is None:
+            return 0
+        restored = self.ckpt.restore_latest(self._state_template)
+        if restored is None:
+            return 0
+        p = restored.progress
+        self.save_id, self.global_step = p["save"], p["global_step"]
+        self.wall_before = p["wall_time_s"] - self._clock()
+        self.memory = {int(c): np.asarray(v) for c, v in restored.memory.items()}
+        self.per_task = list(restored.metrics["per_task"])
+        self.old_vars = (parallel.put_replicated(restored.old, self.mesh)
+                         if restored.old is not None else None)
+        self.params = restored.state.params
+        self.batch_stats = restored.state.batch_stats
+        self.logger.truncate(p["metrics_lines"])
+        self.timer.reset(self.global_step)
+        print(f"resuming from checkpoint {self.save_id}: task {p['task'] + 1}, {p['phase']}"
+              + ("" if p["phase"] == "task_done" else f", epoch {p['epoch'] + 1}, step {p['step']}"),
+              flush=True)
+        if p["phase"] == "task_done":
+            return p["task"] + 1
+        self.resume_point = {"phase": p["phase"], "epoch": p["epoch"], "step": p["step"],
+                             "sums": p["sums"], "state": restored.state}
+        return p["task"]

@@ -19,6 +19,7 @@ from sdcil_jax import evaluate as ev
 from sdcil_jax import parallel
 from sdcil_jax import train as train_lib
 from sdcil_jax.data import herding_select, random_select
+from sdcil_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -49,33 +50,40 @@ def epoch_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator
 
 def run_epochs(*, step_fn, state, old_vars, pool_dev, real_indices: np.ndarray, epochs: int,
                batch_size: int, synth_bounds: tuple[int, int], task_key, mesh, seed: int, task: int,
-               desc: str, log_fn=None, progress: bool = True):
+               desc: str, log_fn=None, progress: bool = True, start: tuple[int, int] = (0, 0),
+               start_sums: dict[str, float] | None = None, after_step=None):
     """Run ``epochs`` passes over ``real_indices`` with ``step_fn``; returns the final state.
 
-    Metrics of each epoch (means over its steps) are passed to ``log_fn(epoch, metrics)``.
+    Epoch e's batches come from ``default_rng([seed, task, e])``, so a run can start at any
+    ``start = (epoch, step_in_epoch)`` and reproduce exactly the batches an uninterrupted run would
+    see (``start_sums`` restores that epoch's partial metric sums). ``after_step(state, epoch,
+    steps_done_in_epoch, sums)`` runs after every step (checkpointing, preemption). Metrics of each
+    epoch (means over its steps) are passed to ``log_fn(epoch, metrics)``.
     """
     sharding = parallel.batch_sharded(mesh)
     lo = jnp.asarray(synth_bounds[0], jnp.int32)
     hi = jnp.asarray(max(synth_bounds[1], synth_bounds[0] + 1), jnp.int32)
     steps_per_epoch = max(1, -(-len(real_indices) // batch_size))
-    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step", disable=not progress,
-               dynamic_ncols=True, leave=False)
-    for epoch in range(epochs):
+    first_epoch, first_step = start
+    bar = tqdm(total=epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch + first_step,
+               desc=desc, unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+    for epoch in range(first_epoch, epochs):
         rng = np.random.default_rng([seed, task, epoch])
         batches = epoch_batches(real_indices, batch_size, rng)
-        sums: dict[str, Any] = {}
-        for row in batches:
-            idx = parallel.put_global(row.astype(np.int32), sharding)
+        skip = first_step if epoch == first_epoch else 0
+        sums: dict[str, Any] = dict(start_sums or {}) if skip else {}
+        for i in range(skip, len(batches)):
+            idx = parallel.put_global(batches[i].astype(np.int32), sharding)
             state, metrics = step_fn(state, old_vars, pool_dev[0], pool_dev[1], idx, lo, hi,
                                      task_key)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v  # stays on device: no sync per step
             bar.update(1)
+            if after_step is not None:
+                after_step(state, epoch, i + 1, sums)
         means = {k: float(v) / len(batches) for k, v in sums.items()}
         bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}", refresh=False)
         if not np.isfinite(means.get("loss", 0.0)):
-            from sdcil_jax.errors import UserError
-
             raise UserError(
                 f"Training diverged: loss is {means['loss']} in task {task} epoch {epoch}; "
                 "lower train.lr or check the data."
