@@ -1,0 +1,167 @@
+"""Resume from anywhere: SIGKILL fault injection, SIGTERM, corrupt checkpoints and shards."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.py")
+# A short quickstart (3 tasks) with a checkpoint every 2 steps, so kills land between checkpoints.
+SHORT = ["--config.train.epochs=2", "--config.method.finetune_epochs=2",
+         "--config.scenario.max_tasks=3", "--config.generation.num_inference_steps=2",
+         "--config.generation.per_class=8", "--config.synthetic.per_class=8",
+         "--config.dataset.holdout_per_class=8", "--config.checkpoint.every_steps=2",
+         "--no-progress"]
+METRIC_KEYS = ("avg_incremental_accuracy", "last_accuracy", "accuracy_matrix", "forgetting",
+               "nme_accuracy_matrix")
+
+
+def _cmd(workdir):
+    return [sys.executable, "-m", "sdcil_jax.main", "--config", QUICKSTART, "--workdir",
+            str(workdir), *SHORT]
+
+
+def _env(tmp_path):
+    return dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+
+
+def _run(workdir, tmp_path):
+    proc = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(tmp_path), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _metrics(workdir):
+    results = json.loads((Path(workdir) / "results.json").read_text())
+    per_task = [{k: r[k] for k in ("cnn_accuracy", "nme_accuracy", "task_accuracies")}
+                for r in results["per_task"]]
+    return {k: results[k] for k in METRIC_KEYS}, per_task
+
+
+def _wait_for(predicate, proc, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if predicate():
+            return True
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+def _n_checkpoints(workdir):
+    folder = Path(workdir) / "checkpoints"
+    return len([p for p in folder.iterdir() if p.name.isdigit()]) if folder.exists() else 0
+
+
+def _shards(workdir):
+    folder = Path(workdir) / "replay_store"
+    return len(list(folder.glob("class_*.npz"))) if folder.exists() else 0
+
+
+def _task_events(workdir):
+    path = Path(workdir) / "metrics.jsonl"
+    return path.read_text().count('"event": "task"') if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    _run(tmp / "work", tmp)
+    return _metrics(tmp / "work"), tmp / "work"
+
+
+@pytest.mark.slow
+def test_sigkill_at_three_random_moments_gives_identical_metrics(reference, tmp_path):
+    rng = random.Random(1234)
+    workdir = tmp_path / "work"
+    # Moments: during generation, inside task 1 (mid-epoch checkpoints), inside task 2 or 3.
+    moments = [lambda: _shards(workdir) >= 1,
+               lambda: _n_checkpoints(workdir) >= 1 and _task_events(workdir) == 0,
+               lambda: _task_events(workdir) >= 1]
+    killed = 0
+    for moment in moments:
+        proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(tmp_path),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if _wait_for(moment, proc):
+                time.sleep(rng.uniform(0.0, 1.5))
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    killed += 1
+        finally:
+            proc.wait(timeout=600)
+    assert killed >= 2  # at least two kills really landed mid-run
+    _run(workdir, tmp_path)
+    assert _metrics(workdir) == reference[0]
+    ref_lines = (reference[1] / "metrics.jsonl").read_text().splitlines()
+    got_lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "train_time_s"}  # noqa: E731
+                           for x in lines]
+    assert strip(got_lines) == strip(ref_lines)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_quickly_then_rerun_finishes(reference, tmp_path):
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: _n_checkpoints(workdir) >= 1, proc)
+    before = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    elapsed = time.time() - sent
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert elapsed < 15, elapsed
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    after = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert after[-1] > before[-1]  # a checkpoint was written on the way out
+    _run(workdir, tmp_path)
+    assert _metrics(workdir) == reference[0]
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back(reference, tmp_path):
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: _n_checkpoints(workdir) >= 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = max((p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()),
+                 key=lambda p: int(p.name))
+    victim = max((f for f in (latest / "state").rglob("*") if f.is_file()),
+                 key=lambda f: f.stat().st_size)
+    victim.write_bytes(b"\0" * victim.stat().st_size)
+    proc = _run(workdir, tmp_path)
+    assert f"checkpoint {latest.name}" in proc.stderr.lower() or latest.name in proc.stderr
+    assert _metrics(workdir) == reference[0]
+    assert any((workdir / "checkpoints.corrupt").iterdir())  # moved aside, not deleted
+
+
+@pytest.mark.slow
+def test_corrupt_shard_is_regenerated_on_rerun(reference, tmp_path):
+    workdir = tmp_path / "work"
+    _run(workdir, tmp_path)
+    shard = sorted((workdir / "replay_store").glob("class_*.npz"))[0]
+    good = dict(np.load(shard))
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])
+    # Training is finished, so the rerun only re-checks the store (and repairs it).
+    proc = _run(workdir, tmp_path)
+    assert "checksum" in proc.stderr.lower() or "corrupt" in proc.stderr.lower()
+    again = dict(np.load(shard))
+    assert sorted(again) == sorted(good)
+    for key in good:
+        np.testing.assert_array_equal(again[key], good[key])
+    assert _metrics(workdir) == reference[0]
