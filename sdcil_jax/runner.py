@@ -14,12 +14,18 @@ import jax
 import numpy as np
 
 from sdcil_jax import config as config_lib
-from sdcil_jax.data import Dataset, build_scenario, holdout_split, load_dataset
+from sdcil_jax.data import (
+    Dataset,
+    apply_class_name_overrides,
+    build_scenario,
+    holdout_split,
+    load_dataset,
+)
 from sdcil_jax.errors import ConfigError, UserError
 from sdcil_jax.methods import method_class
 from sdcil_jax.preemption import PreemptionGuard
 
-MODES = ("generate", "train", "all")
+MODES = ("prepare", "generate", "train", "all")
 
 
 @dataclasses.dataclass
@@ -50,6 +56,17 @@ class Experiment:
         return [c for t in range(last) for c in self.scenario.task_classes(t)]
 
 
+def resolve_pipeline(config) -> str:
+    """'device' (uint8 pool on the accelerators) or 'host' (decode + augment on CPU threads).
+
+    'auto' picks 'host' for imagenet2012 (variable-size JPEGs that do not fit in memory).
+    """
+    choice = config.dataset.pipeline
+    if choice == "auto":
+        return "host" if config.dataset.name.strip().lower().startswith("imagenet2012") else "device"
+    return choice
+
+
 def check_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -75,7 +92,17 @@ def prepare_experiment(config, workdir: str) -> Experiment:
             raise ConfigError(f"{key}={config[section][name]} must be a multiple of the {n_dev} "
                               "devices; change it.")
     check_workdir(workdir)
-    dataset = load_dataset(config.dataset.name, config.dataset.data_dir)
+    if resolve_pipeline(config) == "host":
+        from sdcil_jax.data.lazy import load_lazy_dataset
+
+        dataset = load_lazy_dataset(config.dataset.name, config.dataset.data_dir,
+                                    image_size=config.dataset.image_size,
+                                    test_resize=config.dataset.test_resize)
+    else:
+        dataset = load_dataset(config.dataset.name, config.dataset.data_dir)
+    if config.dataset.class_names:
+        dataset.class_names = apply_class_name_overrides(dataset.class_names,
+                                                         list(config.dataset.class_names))
     scenario = build_scenario(config, dataset.num_classes)
     if config.dataset.holdout_per_class > 0:
         train_idx, holdout_idx = holdout_split(dataset.train_labels, config.dataset.holdout_per_class,
@@ -96,7 +123,14 @@ def generate(exp: Experiment, progress: bool = True):
     holdout_labels = ds.train_labels[exp.holdout_idx]
 
     def real_images_fn(class_id: int) -> np.ndarray:
-        return ds.train_images[exp.holdout_idx[holdout_labels == class_id]]
+        rows = exp.holdout_idx[holdout_labels == class_id]
+        if hasattr(ds, "train_source"):  # host pipeline: decode, resize + centre crop
+            from sdcil_jax.data.host_pipeline import eval_transform
+
+            side = ds.image_shape[0]
+            return np.stack([eval_transform(ds.train_source[int(r)]["image"], image_size=side,
+                                            resize=side) for r in rows])
+        return ds.train_images[rows]
 
     return generate_replay_pool(
         exp.config.generation, seed=exp.config.seed, class_ids=exp.generated_classes(),
@@ -147,6 +181,14 @@ def run(config, workdir: str, mode: str = "all", progress: bool = True,
     """
     if mode not in MODES:
         raise UserError(f"Unknown --mode {mode!r}; use one of {', '.join(MODES)}.")
+    if mode == "prepare":
+        from sdcil_jax.data.prepare import prepare
+
+        config_lib.validate(config)
+        lines = prepare(config)
+        for line in lines:
+            print(line, flush=True)
+        return {"mode": "prepare", "prepared": lines}
     exp = prepare_experiment(config, workdir)
     checkpointer = None
     if mode in ("train", "all"):

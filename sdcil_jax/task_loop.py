@@ -22,6 +22,10 @@ from sdcil_jax.methods import TaskInfo, get_method
 from sdcil_jax.models import build_backbone
 from sdcil_jax.preemption import Preempted, PreemptionGuard
 
+# torchvision's ImageNet normalisation, used with the host pipeline (PODNet's ImageNet setting).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class TaskLoop:
     """Runs the scenario of an :class:`~sdcil_jax.runner.Experiment` task by task."""
@@ -39,15 +43,24 @@ class TaskLoop:
         self.cfg, self.ds, self.sc = cfg, ds, sc
         self.mesh = parallel.make_mesh()
         self.logger = reporting.MetricsLogger(exp.workdir)
-        self.train_x = ds.train_images[exp.train_idx]
+        # Host pipeline (ImageNet-size data decoded on the host) or uint8 pool on the devices.
+        self.host = getattr(ds, "train_source", None) is not None
         self.train_y = sc.relabel(ds.train_labels[exp.train_idx]).astype(np.int32)
         self.test_y = sc.relabel(ds.test_labels).astype(np.int32)
-        flat = self.train_x.reshape(-1, self.train_x.shape[-1])
-        self.mean = jnp.asarray(flat.mean(0) / 255.0, jnp.float32)
-        self.std = jnp.asarray(flat.std(0) / 255.0 + 1e-6, jnp.float32)
+        if self.host:
+            self.train_x = None
+            self.mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+            self.std = jnp.asarray(IMAGENET_STD, jnp.float32)
+            model_shape = ds.model_shape
+        else:
+            self.train_x = ds.train_images[exp.train_idx]
+            flat = self.train_x.reshape(-1, self.train_x.shape[-1])
+            self.mean = jnp.asarray(flat.mean(0) / 255.0, jnp.float32)
+            self.std = jnp.asarray(flat.std(0) / 255.0 + 1e-6, jnp.float32)
+            model_shape = ds.image_shape
         self.backbone = build_backbone(cfg.model)
         self.base_key = jax.random.PRNGKey(cfg.seed)
-        dummy = jnp.zeros((1,) + tuple(ds.image_shape), jnp.float32)
+        dummy = jnp.zeros((1,) + tuple(model_shape), jnp.float32)
         variables = jax.jit(lambda k: self.backbone.init(k, dummy, train=False))(
             jax.random.fold_in(self.base_key, 1_000_003))
         self.feat_dim = int(jax.eval_shape(
@@ -76,6 +89,35 @@ class TaskLoop:
     def _predict(self, eval_fn, images: np.ndarray):
         return tr.predict(eval_fn, self.params, self.batch_stats, images,
                           self.cfg.train.eval_batch_size, self.mesh)
+
+    def _host_pipe(self, source, indices, *, train: bool, batch_size: int, seed: int = 0):
+        from sdcil_jax.data.host_pipeline import HostPipeline
+
+        d = self.cfg.dataset
+        return HostPipeline(source, np.asarray(indices), batch_size=batch_size, train=train,
+                            image_size=d.image_size, test_resize=d.test_resize, workers=d.workers,
+                            prefetch=d.prefetch, seed=seed, mesh=self.mesh,
+                            flip=self.cfg.train.flip, brightness=self.cfg.train.brightness)
+
+    def _host_predict(self, eval_fn, source, indices):
+        if len(indices) == 0:
+            return np.zeros((0, 0), np.float32), np.zeros((0, self.feat_dim), np.float32)
+        pipe = self._host_pipe(source, indices, train=False,
+                               batch_size=self.cfg.train.eval_batch_size)
+        return tr.predict_host(eval_fn, self.params, self.batch_stats, pipe)
+
+    def _pool_predict(self, eval_fn, pool, indices):
+        """Logits and features of pool items (real training images or synthetic ones)."""
+        if self.host:
+            return self._host_predict(eval_fn, pool.source, indices)
+        return self._predict(eval_fn, pool.images[indices])
+
+    def _array_predict(self, eval_fn, images: np.ndarray, labels: np.ndarray):
+        if self.host:
+            from sdcil_jax.data.lazy import ArraySource
+
+            return self._host_predict(eval_fn, ArraySource(images, labels), np.arange(len(images)))
+        return self._predict(eval_fn, images)
 
     def _eval_fn(self, method):
         return jax.jit(train_lib.make_eval_fn(self.backbone, method.head_apply, self.mean,
@@ -118,9 +160,16 @@ class TaskLoop:
         task_key = jax.random.fold_in(self.base_key, t)
         old_classes = [c for k in range(t) for c in sc.task_classes(k)]
         synth_x, synth_y = self._synthetic(old_classes, 0, cfg.synthetic.per_class)
-        pool = tr.TaskPool(np.concatenate([self.train_x, synth_x]),
-                           np.concatenate([self.train_y, synth_y]),
-                           len(self.train_x), len(self.train_x) + len(synth_x))
+        n_real = len(self.train_y)
+        labels = np.concatenate([self.train_y, synth_y])
+        if self.host:
+            from sdcil_jax.data.lazy import PoolSource
+
+            pool = tr.TaskPool(None, labels, n_real, n_real + len(synth_x),
+                               PoolSource(self.ds.train_source, self.exp.train_idx, synth_x, labels))
+        else:
+            pool = tr.TaskPool(np.concatenate([self.train_x, synth_x]), labels, n_real,
+                               n_real + len(synth_x))
         if cfg.synthetic.replace_memory:
             self.memory = {c: pool.synth_lo + np.flatnonzero(synth_y == c) for c in range(start)}
         new_idx = np.flatnonzero((self.train_y >= start) & (self.train_y < end))
@@ -130,14 +179,14 @@ class TaskLoop:
 
         resume, self.resume_point = self.resume_point, None
         if resume is None:
-            self._grow_head(method, t, start, end, task_key)
+            self._grow_head(method, pool, start, end, task_key)
         use_synth = cfg.synthetic.use_in != "none" and len(synth_x) > 0
-        pool_dev = (parallel.put_replicated(pool.images, self.mesh),
-                    parallel.put_replicated(pool.labels, self.mesh))
+        pool_dev = None if self.host else (parallel.put_replicated(pool.images, self.mesh),
+                                           parallel.put_replicated(pool.labels, self.mesh))
         if resume is None or resume["phase"] == "train":
             self._train_stage(method, "train", real_idx, pool, pool_dev, task_key, t,
                               self.synth_bs if use_synth else 0, resume)
-            self._update_memory(method, start, end)
+            self._update_memory(method, pool, start, end)
             resume = None
         ft_epochs = method.finetune_epochs()
         if ft_epochs > 0:
@@ -165,7 +214,7 @@ class TaskLoop:
         parts = [self.memory[c] for c in classes if c in self.memory]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0,), np.int64)
 
-    def _grow_head(self, method, t: int, start: int, end: int, task_key) -> None:
+    def _grow_head(self, method, pool, start: int, end: int, task_key) -> None:
         head_key = jax.random.fold_in(task_key, 7)
         if self.params["head"] is None:
             self.params["head"] = method.init_head(head_key, self.feat_dim, end - start)
@@ -173,7 +222,7 @@ class TaskLoop:
         feats = None
         if method.imprint:
             eval_fn = self._eval_fn(method)
-            feats = [self._predict(eval_fn, self.train_x[self.train_y == c])[1]
+            feats = [self._pool_predict(eval_fn, pool, np.flatnonzero(self.train_y == c))[1]
                      for c in range(start, end)]
         self.params["head"] = method.grow_head(self.params["head"], head_key, end - start, feats)
 
@@ -183,9 +232,14 @@ class TaskLoop:
         finetune = stage == "finetune"
         epochs = method.finetune_epochs() if finetune else cfg.train.epochs
         lr = cfg.method.finetune_lr if finetune else cfg.train.lr
-        steps = epochs * max(1, -(-len(indices) // cfg.train.batch_size))
+        per_epoch = (len(indices) // cfg.train.batch_size if self.host
+                     else -(-len(indices) // cfg.train.batch_size))
+        steps = epochs * max(1, per_epoch)
         tx = train_lib.make_optimizer(lr, cfg.train.momentum, cfg.train.weight_decay, steps)
-        make = train_lib.make_finetune_step if finetune else train_lib.make_train_step
+        if self.host:
+            make = train_lib.make_host_finetune_step if finetune else train_lib.make_host_train_step
+        else:
+            make = train_lib.make_finetune_step if finetune else train_lib.make_train_step
         init = train_lib.init_head_state if finetune else train_lib.init_state
         step_fn = jax.jit(make(self.backbone, method, tx, self._step_config(synth_batch),
                                self.mean, self.std, parallel.batch_sharded(self.mesh)),
@@ -209,6 +263,22 @@ class TaskLoop:
             if stop:
                 self._stop_if_requested(f"in task {t + 1}, {stage} epoch {epoch + 1}, step {done}")
 
+        if self.host:
+            seed = int(np.random.default_rng([cfg.seed, t, int(finetune)]).integers(2**31))
+            real_pipe = self._host_pipe(pool.source, indices, train=True,
+                                        batch_size=cfg.train.batch_size, seed=seed)
+            synth_pipe = None
+            if synth_batch > 0:
+                synth_pipe = self._host_pipe(pool.source, np.arange(pool.synth_lo, pool.synth_hi),
+                                             train=True, batch_size=synth_batch, seed=seed + 1)
+            state = tr.run_epochs_host(
+                step_fn=step_fn, state=state, old_vars=self.old_vars, real_pipe=real_pipe,
+                synth_pipe=synth_pipe, epochs=epochs, task=t,
+                desc=f"task {t + 1}/{self.sc.num_tasks} {stage}", log_fn=log_epoch,
+                progress=self.progress, start=start, start_sums=sums, after_step=after_step)
+            host = tr.state_on_host(state)
+            self.params, self.batch_stats = host.params, host.batch_stats
+            return
         state = tr.run_epochs(
             step_fn=step_fn, state=state, old_vars=self.old_vars, pool_dev=pool_dev,
             real_indices=np.asarray(indices), epochs=epochs, batch_size=cfg.train.batch_size,
@@ -219,7 +289,7 @@ class TaskLoop:
         host = tr.state_on_host(state)
         self.params, self.batch_stats = host.params, host.batch_stats
 
-    def _update_memory(self, method, start: int, end: int) -> None:
+    def _update_memory(self, method, pool, start: int, end: int) -> None:
         """Fixed memory per class: herding (or random) exemplars of the new classes."""
         cfg = self.cfg
         if not method.uses_memory or cfg.memory.per_class == 0:
@@ -227,7 +297,7 @@ class TaskLoop:
         eval_fn = self._eval_fn(method)
         for c in range(start, end):
             idx_c = np.flatnonzero(self.train_y == c)
-            _, feats_c = self._predict(eval_fn, self.train_x[idx_c])
+            _, feats_c = self._pool_predict(eval_fn, pool, idx_c)
             pick = tr.select_memory(feats_c, cfg.memory.per_class, cfg.memory.selection,
                                     cfg.seed * 1000 + c)
             self.memory[c] = idx_c[pick]
@@ -237,10 +307,13 @@ class TaskLoop:
         memory_means = None
         mem_all = self._memory_indices(range(end))
         if method.uses_memory and len(mem_all):
-            _, mem_feats = self._predict(eval_fn, pool.images[mem_all])
+            _, mem_feats = self._pool_predict(eval_fn, pool, mem_all)
             memory_means = ev.class_means(mem_feats, pool.labels[mem_all], end)
         sel = (self.test_y >= 0) & (self.test_y < end)
-        logits, feats = self._predict(eval_fn, self.ds.test_images[sel])
+        if self.host:
+            logits, feats = self._host_predict(eval_fn, self.ds.test_source, np.flatnonzero(sel))
+        else:
+            logits, feats = self._predict(eval_fn, self.ds.test_images[sel])
         result = tr.evaluate_task(
             logits=logits, feats=feats, labels=self.test_y[sel], num_seen=end,
             task_bounds=[self.sc.task_range(k) for k in range(t + 1)], num_old=start,
@@ -255,7 +328,7 @@ class TaskLoop:
             return None
         classes = [c for k in range(t + 1) for c in self.sc.task_classes(k)]
         x, y = self._synthetic(classes, self.cfg.synthetic.per_class, n)
-        logits, _ = self._predict(eval_fn, x)
+        logits, _ = self._array_predict(eval_fn, x, y)
         return ev.accuracy(np.argmax(logits[:, :end], axis=1), y)
 
     # ------------------------------------------------------------------------ checkpoint / resume

@@ -84,9 +84,44 @@ def forward(backbone: flax.linen.Module, head_apply: Callable, params, batch_sta
     return out, new_stats
 
 
+def _update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mask, dist_mask):
+    """Forward (old and new model), loss, gradient transform, optimizer update."""
+    old_out = None
+    if old_vars is not None and method.needs_old_model:
+        old_out, _ = forward(backbone, method.head_apply, old_vars["params"],
+                             old_vars["batch_stats"], images, train=False)
+        old_out = jax.lax.stop_gradient(old_out)
+
+    def loss_fn(params):
+        out, new_stats = forward(backbone, method.head_apply, params, state.batch_stats,
+                                 images, train=True)
+        loss, metrics = method.loss(params, out, old_out, y, cls_mask, dist_mask)
+        return loss, (new_stats, metrics)
+
+    (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = method.transform_grads(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = method.transform_updates(updates)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                              opt_state=opt_state)
+    return new_state, dict(metrics, loss=loss)
+
+
+def _masks(cfg: StepConfig, n_real: int):
+    cls_mask = jnp.ones((n_real,), jnp.float32)
+    dist_mask = jnp.ones((n_real,), jnp.float32)
+    if cfg.synth_batch > 0:
+        cls_mask = jnp.concatenate(
+            [cls_mask, jnp.full((cfg.synth_batch,), float(cfg.synth_in_cls), jnp.float32)])
+        dist_mask = jnp.concatenate(
+            [dist_mask, jnp.full((cfg.synth_batch,), float(cfg.synth_in_dist), jnp.float32)])
+    return cls_mask, dist_mask
+
+
 def make_train_step(backbone, method, tx: optax.GradientTransformation, cfg: StepConfig,
                     mean: jax.Array, std: jax.Array, data_sharding=None):
-    """Build the pure step for one task; jit it with the state donated.
+    """Build the pure step for one task (device pipeline); jit it with the state donated.
 
     Returned signature::
 
@@ -101,47 +136,58 @@ def make_train_step(backbone, method, tx: optax.GradientTransformation, cfg: Ste
         k_aug, k_syn = jax.random.split(key)
         x = pool_x[real_idx]
         y = pool_y[real_idx]
-        n_real = real_idx.shape[0]
-        cls_mask = jnp.ones((n_real,), jnp.float32)
-        dist_mask = jnp.ones((n_real,), jnp.float32)
         if cfg.synth_batch > 0:
             s_idx = jax.random.randint(k_syn, (cfg.synth_batch,), synth_lo, synth_hi)
             x = jnp.concatenate([x, pool_x[s_idx]])
             y = jnp.concatenate([y, pool_y[s_idx]])
-            cls_mask = jnp.concatenate(
-                [cls_mask, jnp.full((cfg.synth_batch,), float(cfg.synth_in_cls), jnp.float32)])
-            dist_mask = jnp.concatenate(
-                [dist_mask, jnp.full((cfg.synth_batch,), float(cfg.synth_in_dist), jnp.float32)])
+        cls_mask, dist_mask = _masks(cfg, real_idx.shape[0])
         if data_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, data_sharding)
         images = aug_lib.augment(x.astype(jnp.float32) / 255.0, k_aug, crop_padding=cfg.crop_padding,
                                  flip=cfg.flip, brightness=cfg.brightness)
         images = (images - mean) / std
-
-        old_out = None
-        if old_vars is not None and method.needs_old_model:
-            old_out, _ = forward(backbone, method.head_apply, old_vars["params"],
-                                 old_vars["batch_stats"], images, train=False)
-            old_out = jax.lax.stop_gradient(old_out)
-
-        def loss_fn(params):
-            out, new_stats = forward(backbone, method.head_apply, params, state.batch_stats,
-                                     images, train=True)
-            loss, metrics = method.loss(params, out, old_out, y, cls_mask, dist_mask)
-            return loss, (new_stats, metrics)
-
-        (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
-        grads = method.transform_grads(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        updates = method.transform_updates(updates)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                                  opt_state=opt_state)
-        metrics = dict(metrics, loss=loss)
-        return new_state, metrics
+        return _update(backbone, method, tx, state, old_vars, images, y, cls_mask, dist_mask)
 
     return step
+
+
+def make_host_train_step(backbone, method, tx: optax.GradientTransformation, cfg: StepConfig,
+                         mean: jax.Array, std: jax.Array, data_sharding=None):
+    """The step for the host pipeline: batches arrive decoded and augmented (uint8, sharded).
+
+    Signature: ``step(state, old_vars, x_real, y_real, x_synth, y_synth) -> (state, metrics)``;
+    ``x_synth``/``y_synth`` are ignored when ``cfg.synth_batch == 0``.
+    """
+
+    def step(state: TrainState, old_vars, x_real, y_real, x_synth, y_synth):
+        x, y = x_real, y_real
+        if cfg.synth_batch > 0:
+            x = jnp.concatenate([x, x_synth])
+            y = jnp.concatenate([y, y_synth])
+        if data_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, data_sharding)
+        cls_mask, dist_mask = _masks(cfg, x_real.shape[0])
+        images = (x.astype(jnp.float32) / 255.0 - mean) / std
+        return _update(backbone, method, tx, state, old_vars, images, y, cls_mask, dist_mask)
+
+    return step
+
+
+def _finetune_update(backbone, method, tx, state: TrainState, images, y):
+    feats = backbone.apply({"params": state.params["backbone"], "batch_stats": state.batch_stats},
+                           images, train=False)["features"]
+    feats = jax.lax.stop_gradient(feats)
+    mask = jnp.ones(y.shape, jnp.float32)
+
+    def loss_fn(head):
+        return method.finetune_loss(head, method.head_apply(head, feats), y, mask)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params["head"])
+    grads = method.transform_grads({"head": grads})["head"]
+    updates, opt_state = tx.update(grads, state.opt_state, state.params["head"])
+    head = optax.apply_updates(state.params["head"], updates)
+    params = dict(state.params, head=head)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss}
 
 
 def make_finetune_step(backbone, method, tx: optax.GradientTransformation, cfg: StepConfig,
@@ -157,28 +203,24 @@ def make_finetune_step(backbone, method, tx: optax.GradientTransformation, cfg: 
         del old_vars, synth_lo, synth_hi
         key = jax.random.fold_in(task_key, state.step)
         x = pool_x[real_idx]
-        y = pool_y[real_idx]
         if data_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, data_sharding)
         images = aug_lib.augment(x.astype(jnp.float32) / 255.0, key, crop_padding=cfg.crop_padding,
                                  flip=cfg.flip, brightness=cfg.brightness)
-        images = (images - mean) / std
-        feats = backbone.apply({"params": state.params["backbone"],
-                                "batch_stats": state.batch_stats}, images, train=False)["features"]
-        feats = jax.lax.stop_gradient(feats)
-        mask = jnp.ones(y.shape, jnp.float32)
+        return _finetune_update(backbone, method, tx, state, (images - mean) / std,
+                                pool_y[real_idx])
 
-        def loss_fn(head):
-            scores = method.head_apply(head, feats)
-            return method.finetune_loss(head, scores, y, mask)
+    return step
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params["head"])
-        grads = method.transform_grads({"head": grads})["head"]
-        updates, opt_state = tx.update(grads, state.opt_state, state.params["head"])
-        head = optax.apply_updates(state.params["head"], updates)
-        params = dict(state.params, head=head)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {
-            "loss": loss}
+
+def make_host_finetune_step(backbone, method, tx: optax.GradientTransformation, cfg: StepConfig,
+                            mean: jax.Array, std: jax.Array, data_sharding=None):
+    """:func:`make_finetune_step` for the host pipeline (signature of :func:`make_host_train_step`)."""
+
+    def step(state: TrainState, old_vars, x_real, y_real, x_synth, y_synth):
+        del old_vars, x_synth, y_synth
+        images = (x_real.astype(jnp.float32) / 255.0 - mean) / std
+        return _finetune_update(backbone, method, tx, state, images, y_real)
 
     return step
 

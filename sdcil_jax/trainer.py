@@ -30,10 +30,11 @@ class TaskPool:
     ``[synth_lo, synth_hi)``.
     """
 
-    images: np.ndarray
+    images: np.ndarray | None  # None with the host pipeline (see ``source``)
     labels: np.ndarray
     synth_lo: int
     synth_hi: int
+    source: Any = None  # host pipeline: a PoolSource over the same items
 
 
 def epoch_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -92,6 +93,68 @@ def run_epochs(*, step_fn, state, old_vars, pool_dev, real_indices: np.ndarray, 
             log_fn(epoch, means)
     bar.close()
     return state
+
+
+def run_epochs_host(*, step_fn, state, old_vars, real_pipe, synth_pipe, epochs: int, task: int,
+                    desc: str, log_fn=None, progress: bool = True, start: tuple[int, int] = (0, 0),
+                    start_sums: dict[str, float] | None = None, after_step=None):
+    """:func:`run_epochs` for the host pipeline (ImageNet-size data).
+
+    ``real_pipe`` defines the epochs; ``synth_pipe`` (or None) runs alongside it, its position being
+    a pure function of the global step, so a resumed run sees exactly the same synthetic batches.
+    """
+    spe = real_pipe.steps_per_epoch
+    first_epoch, first_step = start
+    done_steps = first_epoch * spe + first_step
+    real_it = real_pipe.device_iterator(epoch=first_epoch, start_step=first_step,
+                                        num_epochs=epochs - first_epoch)
+    synth_it = None
+    if synth_pipe is not None:
+        sspe = synth_pipe.steps_per_epoch
+        synth_it = synth_pipe.device_iterator(epoch=done_steps // sspe, start_step=done_steps % sspe,
+                                              num_epochs=None)
+    bar = tqdm(total=epochs * spe, initial=done_steps, desc=desc, unit="step",
+               disable=not progress, dynamic_ncols=True, leave=False)
+    epoch, step = first_epoch, first_step
+    sums: dict[str, Any] = dict(start_sums or {}) if first_step else {}
+    try:
+        for real in real_it:
+            synth = next(synth_it) if synth_it is not None else real
+            state, metrics = step_fn(state, old_vars, real.images, real.labels, synth.images,
+                                     synth.labels)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            step += 1
+            bar.update(1)
+            if after_step is not None:
+                after_step(state, epoch, step, sums)
+            if step == spe:
+                means = {k: float(v) / spe for k, v in sums.items()}
+                if not np.isfinite(means.get("loss", 0.0)):
+                    raise UserError(
+                        f"Training diverged: loss is {means['loss']} in task {task} epoch {epoch} "
+                        f"(steps {epoch * spe + 1}-{(epoch + 1) * spe}); lower train.lr or check "
+                        "the data.")
+                if log_fn is not None:
+                    log_fn(epoch, means)
+                epoch, step, sums = epoch + 1, 0, {}
+    finally:
+        real_it.close()
+        if synth_it is not None:
+            synth_it.close()
+        bar.close()
+    return state
+
+
+def predict_host(eval_fn, params, batch_stats, pipe) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and features over an evaluation :class:`HostPipeline` (padding dropped)."""
+    logits, feats = [], []
+    for batch in pipe.device_iterator():
+        lg, ft = eval_fn(params, batch_stats, batch.images)
+        mask = np.asarray(batch.mask)
+        logits.append(np.asarray(lg)[mask])
+        feats.append(np.asarray(ft)[mask])
+    return np.concatenate(logits), np.concatenate(feats)
 
 
 def predict(eval_fn, params, batch_stats, images: np.ndarray, batch_size: int, mesh):

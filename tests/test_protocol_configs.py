@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 import sdcil_jax
 from sdcil_jax.config import load_config_file, validate
 from sdcil_jax.data import build_scenario, named_orders
-from sdcil_jax.errors import ConfigError, DataError
+from sdcil_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ("none", "distillation", "classification", "both")
@@ -255,13 +255,6 @@ def _imagenet_mock(classes, train_per_class=2, test_per_class=1):
     return tfds.testing.mock_data(as_data_source_fn=as_data_source)
 
 
-# Until the runner reads ImageNet-size data through the host pipeline (dataset.pipeline='host'),
-# load_dataset refuses imagenet2012's variable-size images. strict: remove this mark once it runs.
-HOST_PIPELINE_PENDING = pytest.mark.xfail(
-    raises=DataError, strict=True,
-    reason="runner does not use the host pipeline yet: load_dataset refuses variable-size images")
-
-
 def _check_results(results, config, first_tasks_classes):
     assert results["num_tasks"] == 2 and len(results["per_task"]) == 2
     assert len(results["accuracy_matrix"][1]) == 2
@@ -286,7 +279,6 @@ def test_cifar100_two_tasks_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-@HOST_PIPELINE_PENDING
 def test_imagenet100_two_tasks_end_to_end(tmp_path):
     config = _load("imagenet100.py", "steps=10,synthetic=both,generator=tiny_sd")
     _tiny(config, tmp_path / "tfds")
@@ -298,7 +290,6 @@ def test_imagenet100_two_tasks_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-@HOST_PIPELINE_PENDING
 def test_imagenet1k_two_tasks_end_to_end(tmp_path):
     # synthetic=none: generating even one tiny_sd image for each of the 500 old classes costs minutes
     # on 2 CPU cores, and the replay path is the one the CIFAR100 and ImageNet-Subset runs cover.
