@@ -9,6 +9,7 @@ starts*, with one sentence that lists the valid keys or values.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -128,6 +129,12 @@ def valid_keys() -> list[str]:
     return sorted(_leaves(base_config()))
 
 
+def _did_you_mean(key: str, schema: Any) -> str:
+    """`` (did you mean train.epochs?)`` for the closest valid key, or ''."""
+    close = difflib.get_close_matches(key, sorted(schema), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _type_ok(key: str, value: Any, default: Any) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
@@ -146,7 +153,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     unknown = sorted(set(given) - set(schema))
     if unknown:
         raise ConfigError(
-            f"Unknown config key(s) {', '.join(unknown)}; valid keys are: {', '.join(sorted(schema))}."
+            f"Unknown config key(s) {', '.join(unknown)}{_did_you_mean(unknown[0], schema)}; use one "
+            f"of the valid keys: {', '.join(sorted(schema))}."
         )
     missing = sorted(set(schema) - set(given))
     if missing:
@@ -179,7 +187,8 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
     for key in positive:
         section, name = key.split(".")
         if c[section][name] <= 0:
-            raise ConfigError(f"Config key {key} must be positive, got {c[section][name]!r}.")
+            raise ConfigError(f"Config key {key} must be positive, got {c[section][name]!r}; set it "
+                              "to 1 or more.")
     non_negative = ["memory.per_class", "synthetic.per_class", "synthetic.batch_size",
                     "scenario.max_tasks", "dataset.holdout_per_class", "generation.preview_per_class",
                     "train.crop_padding", "train.brightness", "train.weight_decay",
@@ -189,7 +198,8 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
     for key in non_negative:
         section, name = key.split(".")
         if c[section][name] < 0:
-            raise ConfigError(f"Config key {key} must be >= 0, got {c[section][name]!r}.")
+            raise ConfigError(f"Config key {key} must be >= 0, got {c[section][name]!r}; set it to "
+                              "0 or more.")
     for item in c.dataset.class_names:
         head, sep, _ = str(item).partition("=")
         if not sep or not head.strip().isdigit():
@@ -204,10 +214,11 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"synthetic.per_class + synthetic.diagnostic_per_class = "
             f"{c.synthetic.per_class + c.synthetic.diagnostic_per_class} exceeds "
-            f"generation.per_class={c.generation.per_class}; generate more images or use fewer."
+            f"generation.per_class={c.generation.per_class}; raise generation.per_class or lower "
+            "synthetic.per_class."
         )
     if c.train.lr <= 0:
-        raise ConfigError(f"Config key train.lr must be positive, got {c.train.lr!r}.")
+        raise ConfigError(f"Config key train.lr must be positive, got {c.train.lr!r}; set it above 0.")
     if c.generation.resolution % 8:
         raise ConfigError(
             f"generation.resolution={c.generation.resolution} must be a multiple of 8 "
@@ -247,7 +258,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         key, text = item.split("=", 1)
         if key not in schema:
             raise ConfigError(
-                f"Unknown config key {key} in override; valid keys are: {', '.join(sorted(schema))}."
+                f"Unknown config key {key} in override{_did_you_mean(key, schema)}; use one of the "
+                f"valid keys: {', '.join(sorted(schema))}."
             )
         value = parse_override_value(text)
         default = schema[key]

@@ -7,6 +7,7 @@ update memory -> results.json, metrics.jsonl, plots, printed table.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -89,8 +90,9 @@ def prepare_experiment(config, workdir: str) -> Experiment:
     for key in ("train.batch_size", "synthetic.batch_size", "train.eval_batch_size"):
         section, name = key.split(".")
         if config[section][name] % n_dev:
-            raise ConfigError(f"{key}={config[section][name]} must be a multiple of the {n_dev} "
-                              "devices; change it.")
+            value = config[section][name]
+            raise ConfigError(f"{key}={value} must be a multiple of the {n_dev} devices; use a "
+                              f"multiple of {n_dev}, e.g. {max(n_dev, value // n_dev * n_dev)}.")
     check_workdir(workdir)
     if resolve_pipeline(config) == "host":
         from sdcil_jax.data.lazy import load_lazy_dataset
@@ -151,18 +153,23 @@ def open_complete_store(exp: Experiment):
     """Open the store for ``--mode train``; every needed class must be complete."""
     from sdcil_jax.errors import GenerationError
     from sdcil_jax.generation import ReplayStore, fingerprint_fields, fingerprint_of
+    from sdcil_jax.generation.store import _canonical
 
     if not os.path.exists(os.path.join(exp.store_dir, "manifest.json")):
         raise GenerationError(f"No replay store in {exp.store_dir}; run with --mode generate (or "
                               "--mode all) first, or set generation.store_dir.")
     store = ReplayStore(exp.store_dir).open()
-    expected = fingerprint_of(fingerprint_fields(
+    fields = fingerprint_fields(
         exp.config.generation, seed=exp.config.seed, class_names=exp.dataset.class_names,
-        image_shape=exp.dataset.image_shape, extra=_holdout_fields(exp)))
-    if store.fingerprint != expected:
+        image_shape=exp.dataset.image_shape, extra=_holdout_fields(exp))
+    if store.fingerprint != fingerprint_of(fields):
+        old, new = store.fields, json.loads(json.dumps(_canonical(fields)))
+        differing = [f"generation.{k}" if k in exp.config.generation else k
+                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         raise GenerationError(f"Replay store {exp.store_dir} was generated with different settings "
-                              "than this config; rerun --mode generate with another "
-                              "generation.store_dir, or restore the generation settings.")
+                              f"than this config (differing: {', '.join(differing) or 'fingerprint'})"
+                              "; set generation.store_dir to another folder and rerun --mode "
+                              "generate, or restore the generation settings.")
     missing = [c for c in exp.generated_classes()
                if not store.is_complete(c, exp.config.generation.per_class)]
     if missing:

@@ -86,8 +86,9 @@ def run_epochs(*, step_fn, state, old_vars, pool_dev, real_indices: np.ndarray, 
         bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}", refresh=False)
         if not np.isfinite(means.get("loss", 0.0)):
             raise UserError(
-                f"Training diverged: loss is {means['loss']} in task {task} epoch {epoch}; "
-                "lower train.lr or check the data."
+                f"Training diverged: loss is {means['loss']} in task {task + 1}, epoch {epoch + 1} "
+                f"(steps {epoch * len(batches) + 1}-{(epoch + 1) * len(batches)}); lower train.lr "
+                "or check the data."
             )
         if log_fn is not None:
             log_fn(epoch, means)
@@ -132,7 +133,8 @@ def run_epochs_host(*, step_fn, state, old_vars, real_pipe, synth_pipe, epochs: 
                 means = {k: float(v) / spe for k, v in sums.items()}
                 if not np.isfinite(means.get("loss", 0.0)):
                     raise UserError(
-                        f"Training diverged: loss is {means['loss']} in task {task} epoch {epoch} "
+                        f"Training diverged: loss is {means['loss']} in task {task + 1}, epoch "
+                        f"{epoch + 1} "
                         f"(steps {epoch * spe + 1}-{(epoch + 1) * spe}); lower train.lr or check "
                         "the data.")
                 if log_fn is not None:

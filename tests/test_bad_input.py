@@ -83,6 +83,8 @@ CASES = [
          "--config.section.key=value"),
     Case("synthetic-more-than-generated", ("--config.synthetic.per_class=9",),
          "exceeds generation.per_class=8", "lower synthetic.per_class"),
+    Case("zero-learning-rate", ("--config.train.lr=0.0",), "train.lr must be positive",
+         "set it above 0"),
     Case("batch-not-multiple-of-devices", ("--config.train.batch_size=66",),
          "train.batch_size=66 must be a multiple of the 4 devices", "use a multiple of 4"),
     # -- config files ----------------------------------------------------------------------------
@@ -110,7 +112,7 @@ CASES = [
          "unknown class order 'no_such_order'", "use one of"),
     # -- data -------------------------------------------------------------------------------------
     Case("unknown-dataset", ("--config.dataset.name=no_such_dataset",),
-         "unknown dataset 'no_such_dataset'", "--list-datasets"),
+         "unknown dataset 'no_such_dataset'", "use 'digits'"),
     Case("dataset-not-prepared", ("--config.dataset.name=cifar10",
                                   "--config.dataset.data_dir={tmp}/empty_tfds"),
          "not prepared", "--mode prepare"),
@@ -120,7 +122,7 @@ CASES = [
     # -- generator weights -----------------------------------------------------------------------
     Case("sd-local-folder-missing", ("--config.generation.backend=sd",
                                      "--config.generation.model={tmp}/no_sd_weights"),
-         "local model folder", "download", new_files=RUN_STARTED),
+         "local model folder", "set generation.model", new_files=RUN_STARTED),
     Case("sd-hub-offline", ("--config.generation.backend=sd",), "compvis/stable-diffusion-v1-4",
          "download", env=(("HF_HUB_OFFLINE", "1"),), new_files=RUN_STARTED),
     # -- replay store ------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ CASES = [
     Case("checkpoint-other-config", ("--config.train.lr=0.07",), "train.lr (0.05 -> 0.07)",
          "--restart", workdir="trained"),
     Case("nan-loss", ("--mode", "train", "--config.train.lr=1e30"),
-         "loss is nan in task 1, epoch 1", "lower train.lr", workdir="store",
+         "loss is nan in task 1, epoch 1 (steps 1-", "lower train.lr", workdir="store",
          new_files=RUN_STARTED + ("work/metrics.jsonl",)),
 ]
 
@@ -205,11 +207,8 @@ def test_bad_input(case: Case, trained, tmp_path):
     else:
         config = QUICKSTART
     args = ["--config", config, "--workdir", str(tmp_path / case.workdir_rel)]
-    args += [a.replace("{tmp}", str(tmp_path)) for a in case.args]
-    if case.tiny:
-        args += TINY
-    elif "--no-progress" not in args:
-        args.append("--no-progress")
+    args += TINY if case.tiny else ["--no-progress"]
+    args += [a.replace("{tmp}", str(tmp_path)) for a in case.args]  # after TINY: they win
 
     before = _snapshot(tmp_path)
     time.sleep(0.01)  # so a rewrite with identical bytes would still change the mtime
