@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from importlib import metadata
 from typing import Any
 
@@ -63,6 +64,12 @@ class MetricsLogger:
             return 0
         with open(self.path) as f:
             return sum(1 for line in f if line.endswith("\n"))
+
+    def start_fresh(self) -> None:
+        """A run with no checkpoint to resume: keep an old log (moved aside), never append to it."""
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            os.replace(self.path, self.path.replace(".jsonl", f".old-{stamp}.jsonl"))
 
     def truncate(self, lines: int) -> None:
         """Keep the first ``lines`` complete lines (on resume, drop what the checkpoint lacks)."""

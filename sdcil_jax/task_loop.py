@@ -376,6 +376,7 @@ class TaskLoop:
             return 0
         restored = self.ckpt.restore_latest(self._state_template)
         if restored is None:
+            self.logger.start_fresh()
             return 0
         p = restored.progress
         self.save_id, self.global_step = p["save"], p["global_step"]
