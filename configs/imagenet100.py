@@ -31,18 +31,19 @@ crop 224, decoded and augmented on the host (dataset.pipeline='host').
 """
 
 from sdcil_jax.config import base_config
-from sdcil_jax.data.scenario import named_orders
-from sdcil_jax.errors import ConfigError
+from sdcil_jax.data import named_orders
+from sdcil_jax.protocols import (
+    COMMON_CHOICES,
+    COMMON_DEFAULTS,
+    apply_generation,
+    apply_optimiser,
+    apply_podnet,
+    parse_protocol_arg,
+)
 
 _FILE = "configs/imagenet100.py"
-_CHOICES = {
-    "steps": ("5", "10", "25", "50"),
-    "synthetic": ("none", "distillation", "classification", "both"),
-    "generator": ("sd", "tiny_sd", "real_holdout"),
-    "memory": ("real", "synthetic"),
-    "per_class": ("N",),
-}
-_DEFAULTS = {"steps": "5", "synthetic": "both", "generator": "sd", "memory": "real", "per_class": ""}
+_CHOICES = {"steps": ("5", "10", "25", "50"), **COMMON_CHOICES}
+_DEFAULTS = {"steps": "5", **COMMON_DEFAULTS}
 NUM_CLASSES = 100
 BASE_CLASSES = 50
 # [ours] 500 generated images per class, as for CIFAR100 (the seed paper's ImageNet count is unknown).
@@ -50,29 +51,9 @@ SYNTHETIC_PER_CLASS = 500
 HOLDOUT_PER_CLASS = 100  # [ours] real_holdout pool (ImageNet has at least 732 training images a class)
 
 
-def _usage() -> str:
-    return "; ".join(f"{k}={'|'.join(v)}" for k, v in _CHOICES.items())
-
-
 def parse_arg(arg: str) -> dict:
     """``'steps=10,synthetic=none'`` -> every argument with its value (defaults filled in)."""
-    values, given = dict(_DEFAULTS), set()
-    for item in (p.strip() for p in (arg or "").split(",")):
-        if not item:
-            continue
-        key, sep, value = (s.strip() for s in item.partition("="))
-        if not sep or key not in _CHOICES:
-            raise ConfigError(f"{_FILE}: unknown argument {item!r}; valid arguments: {_usage()}.")
-        if key in given:
-            raise ConfigError(f"{_FILE}: argument {key} is given twice; give it once.")
-        given.add(key)
-        if key == "per_class":
-            if not value.isdigit() or int(value) == 0:
-                raise ConfigError(f"{_FILE}: per_class={value!r} must be a positive integer.")
-        elif value not in _CHOICES[key]:
-            raise ConfigError(f"{_FILE}: {key}={value!r} is not one of {', '.join(_CHOICES[key])}.")
-        values[key] = value
-    return values
+    return parse_protocol_arg(arg, _CHOICES, _DEFAULTS, _FILE)
 
 
 def get_config(arg: str = ""):
@@ -82,58 +63,17 @@ def get_config(arg: str = ""):
     c.dataset.pipeline = "host"  # JPEG decoding + augmentation on the host, prefetched to devices
     c.dataset.image_size = 224
     c.dataset.test_resize = 256
-
-    steps = int(a["steps"])
     c.scenario.initial_increment = BASE_CLASSES
-    c.scenario.increment = (NUM_CLASSES - BASE_CLASSES) // steps
+    c.scenario.increment = (NUM_CLASSES - BASE_CLASSES) // int(a["steps"])
     # The subset as an explicit list of imagenet2012 label ids (0..99) in PODNet's order.
     c.scenario.class_order = list(named_orders()["imagenet100"])
-
     c.model.name = "resnet18"
     c.model.small_stem = False
     c.model.last_relu = False
-
-    c.method.name = "podnet"
-    c.method.pod_flat = 10.0
-    c.method.pod_spatial = 8.0
-    c.method.nca_margin = 0.6
-    c.method.proxies_per_class = 10
-    c.method.grad_clip = 5.0
-    c.method.finetune_epochs = 20
-    c.method.finetune_lr = 0.01
-
-    c.memory.per_class = 20
-    c.memory.selection = "herding"
-
-    c.train.epochs = 90
-    c.train.batch_size = 64
-    c.train.lr = 0.05
-    c.train.momentum = 0.9
-    c.train.weight_decay = 5e-4
+    apply_podnet(c, pod_flat=10.0, pod_spatial=8.0, finetune_lr=0.01)
+    apply_optimiser(c, epochs=90, batch_size=64, lr=0.05, weight_decay=5e-4)
     c.train.eval_batch_size = 256
     c.train.crop_padding = 0  # the host pipeline does the random-resized crop
-    c.train.flip = True
-    c.train.brightness = 63 / 255
-
-    c.generation.backend = a["generator"]
-    c.generation.model = "CompVis/stable-diffusion-v1-4"
-    c.generation.revision = "flax"
-    c.generation.dtype = "bfloat16"
-    c.generation.guidance_scale = 2.0
-    c.generation.num_inference_steps = 50
-    c.generation.resolution = 512
-    c.generation.prompt_templates = ["a photo of a {}"]
-    c.generation.per_class = SYNTHETIC_PER_CLASS
-    if a["generator"] == "tiny_sd":  # [ours] smoke runs: the random pipeline's images are noise
-        c.generation.resolution = 64
-        c.generation.num_inference_steps = 5
-    elif a["generator"] == "real_holdout":
-        c.generation.per_class = HOLDOUT_PER_CLASS
-        c.dataset.holdout_per_class = HOLDOUT_PER_CLASS
-
-    c.synthetic.use_in = a["synthetic"]
-    c.synthetic.replace_memory = a["memory"] == "synthetic"
-    c.synthetic.per_class = int(a["per_class"]) if a["per_class"] else c.generation.per_class
-    c.synthetic.batch_size = 64  # [ours] one synthetic batch the size of the real batch per step
-    c.synthetic.diagnostic_per_class = 0
+    apply_generation(c, a, per_class=SYNTHETIC_PER_CLASS, holdout_per_class=HOLDOUT_PER_CLASS,
+                     synthetic_batch=64)
     return c

@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from importlib import metadata
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 
 from sdcil_jax import config as config_lib
 from sdcil_jax import evaluate as ev
+from sdcil_jax.fileio import atomic_write_text
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "diffusers", "transformers",
              "tensorflow-datasets", "numpy", "sdcil_jax")
@@ -29,22 +29,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file and ``os.replace`` (never half-written)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class MetricsLogger:

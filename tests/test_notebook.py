@@ -65,12 +65,15 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
         "print('kernel python:', os.path.realpath(sys.executable))\n")
     nb.cells.insert(_parameters_index(nb) + 1, smoke)
 
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", km=_this_python_kernel(),
+    km = _this_python_kernel()
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", km=km,
                             resources={"metadata": {"path": str(ROOT)}})
     try:
         client.execute()
     finally:
         nbformat.write(nb, tmp_path / "executed.ipynb")  # kept for debugging a failure
+        if km.has_kernel:  # a kernel manager we passed in is not shut down by nbclient
+            km.shutdown_kernel(now=True)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors, errors

@@ -14,9 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.py")
-# A short quickstart (3 tasks) with a checkpoint every 2 steps, so kills land between checkpoints.
+# A short quickstart (2 tasks) with a checkpoint every 2 steps, so kills land between checkpoints.
 SHORT = ["--config.train.epochs=2", "--config.method.finetune_epochs=2",
-         "--config.scenario.max_tasks=3", "--config.generation.num_inference_steps=2",
+         "--config.scenario.max_tasks=2", "--config.generation.num_inference_steps=2",
          "--config.generation.per_class=8", "--config.synthetic.per_class=8",
          "--config.dataset.holdout_per_class=8", "--config.checkpoint.every_steps=2",
          "--no-progress"]
@@ -84,7 +84,7 @@ def reference(tmp_path_factory):
 def test_sigkill_at_three_random_moments_gives_identical_metrics(reference, tmp_path):
     rng = random.Random(1234)
     workdir = tmp_path / "work"
-    # Moments: during generation, inside task 1 (mid-epoch checkpoints), inside task 2 or 3.
+    # Moments: during generation, inside task 1 (mid-epoch checkpoints), inside task 2.
     moments = [lambda: _shards(workdir) >= 1,
                lambda: _n_checkpoints(workdir) >= 1 and _task_events(workdir) == 0,
                lambda: _task_events(workdir) >= 1]

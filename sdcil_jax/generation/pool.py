@@ -11,10 +11,11 @@ import numpy as np
 from tqdm import tqdm
 
 from sdcil_jax.errors import GenerationError
+from sdcil_jax.fileio import atomic_write
 from sdcil_jax.generation import pipeline as sd
 from sdcil_jax.generation.prompts import prompts_for_indices
 from sdcil_jax.generation.sampler import Sampler
-from sdcil_jax.generation.store import ReplayStore, _atomic_write
+from sdcil_jax.generation.store import ReplayStore
 
 log = logging.getLogger(__name__)
 
@@ -207,5 +208,5 @@ def write_preview(store: ReplayStore, class_ids: Sequence[int], per_class: int) 
             tile = Image.fromarray(img).resize((tile_w, tile_h), Image.NEAREST)
             canvas.paste(tile, (label_w + j * (tile_w + gap), y))
     path = os.path.join(store.directory, "preview.png")
-    _atomic_write(path, lambda f: canvas.save(f, format="PNG"))
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
     return path

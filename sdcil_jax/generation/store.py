@@ -20,13 +20,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from sdcil_jax.errors import GenerationError
+from sdcil_jax.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -64,35 +64,6 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: str, write_fn) -> None:
-    """Write via ``write_fn(fileobj)`` to a temp file beside ``path``, fsync, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.basename(path), dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable (POSIX); harmless where directories cannot be opened
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 class ReplayStore:
     """A replay store directory (see the module docstring). Call :meth:`open_or_create` or
     :meth:`open` before reading or writing."""
@@ -124,7 +95,7 @@ class ReplayStore:
 
     def _write_manifest(self) -> None:
         text = json.dumps(self.manifest, indent=1, sort_keys=True).encode("utf-8")
-        _atomic_write(self.manifest_path, lambda f: f.write(text))
+        atomic_write(self.manifest_path, lambda f: f.write(text))
 
     def open_or_create(self, fingerprint_fields: Mapping[str, Any]) -> ReplayStore:
         """Open the store for the generation described by ``fingerprint_fields`` (create if new).
@@ -248,7 +219,7 @@ class ReplayStore:
                 f"{images.dtype} {images.shape} and {len(indices)} indices"
             )
         path = self.shard_path(class_id)
-        _atomic_write(path, lambda f: np.savez(f, images=images, indices=indices))
+        atomic_write(path, lambda f: np.savez(f, images=images, indices=indices))
         entry = {
             "class_id": int(class_id), "file": shard_name(class_id), "count": int(len(images)),
             "sha256": _sha256_file(path), "shape": list(images.shape[1:]),
