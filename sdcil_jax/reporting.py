@@ -145,7 +145,8 @@ def write_plots(workdir: str, results: dict) -> None:
     im = ax.imshow(mat, vmin=0, vmax=100, cmap="viridis")
     for t in range(n):
         for j in range(t + 1):
-            ax.text(j, t, f"{mat[t, j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+            colour = "black" if mat[t, j] > 60 else "white"  # readable on viridis' light end
+            ax.text(j, t, f"{mat[t, j]:.0f}", ha="center", va="center", color=colour, fontsize=8)
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after training task")
     fig.colorbar(im, ax=ax, fraction=0.046)
