@@ -69,7 +69,7 @@ def get_config(arg: str = ""):
     c.scenario.increment = (NUM_CLASSES - BASE_CLASSES) // int(a["steps"])
     c.scenario.class_order = "imagenet1000"
     c.model.name = "resnet18"
-    c.model.small_stem = False
+    c.model.stem = "podnet"  # official: 3x3/1 conv + 3x3/2 max-pool (112x112 at 224)
     c.model.last_relu = False
     apply_podnet(c, pod_flat=10.0, pod_spatial=8.0, finetune_lr=0.01)
     apply_optimiser(c, epochs=90, batch_size=64, lr=0.05, weight_decay=1e-4)

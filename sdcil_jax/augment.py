@@ -33,15 +33,16 @@ def augment(
     flip: bool,
     brightness: float,
 ) -> jax.Array:
-    """Random crop with zero padding, horizontal flip and additive brightness jitter.
+    """Random crop with zero padding, horizontal flip and multiplicative brightness jitter.
 
     Args:
       images: (B, H, W, C) float images in [0, 1].
       key: PRNG key for the batch.
       crop_padding: pixels of zero padding before a random crop back to (H, W); 0 disables.
       flip: flip each image horizontally with probability 1/2.
-      brightness: add a uniform offset in [-brightness, brightness] per image, then clip to [0, 1]
-        (torchvision's ColorJitter(brightness=63/255) multiplies instead; documented difference).
+      brightness: multiply each image by a factor uniform in [max(0, 1 - brightness),
+        1 + brightness], then clip to [0, 1] (torchvision's ColorJitter(brightness=b), as PODNet;
+        torchvision rounds to uint8 after it, this does not).
     Returns:
       (B, H, W, C) float images.
     """
@@ -54,9 +55,9 @@ def augment(
         coins = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 1)))(keys)
         images = jnp.where(coins[:, None, None, None], images[:, :, ::-1, :], images)
     if brightness > 0:
-        offsets = jax.vmap(
-            lambda k: jax.random.uniform(jax.random.fold_in(k, 2), (), minval=-brightness,
-                                         maxval=brightness)
+        factors = jax.vmap(
+            lambda k: jax.random.uniform(jax.random.fold_in(k, 2), (), minval=max(0.0, 1.0 - brightness),
+                                         maxval=1.0 + brightness)
         )(keys)
-        images = jnp.clip(images + offsets[:, None, None, None], 0.0, 1.0)
+        images = jnp.clip(images * factors[:, None, None, None], 0.0, 1.0)
     return images

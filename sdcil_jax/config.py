@@ -35,6 +35,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "generation.backend": ("sd", "tiny_sd", "real_holdout"),
     "generation.dtype": ("bfloat16", "float32", "float16"),
     "model.name": ("resnet_digits", "resnet_tiny", "resnet32", "resnet18"),
+    "model.stem": ("podnet", "torchvision"),
+    "train.schedule": ("cosine_epoch", "cosine_step"),
 }
 
 
@@ -67,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
         nca_margin=0.6,
         proxies_per_class=10,
         finetune_epochs=20,  # balanced finetuning of the classifier (t > 0); 0 disables
-        finetune_lr=0.05,
+        finetune_lr=0.05,  # constant (no schedule), as the official finetuning
         grad_clip=5.0,  # element-wise gradient clamp to [-grad_clip, grad_clip]; 0 disables
         kd_temperature=2.0,  # iCaRL-style KD temperature (used by methods with a 'kd' loss)
     )
@@ -94,7 +96,12 @@ def base_config() -> ml_collections.ConfigDict:
         store_dir="",  # '' = <workdir>/replay_store
         preview_per_class=4,
     )
-    c.model = dict(name="resnet_digits", width=16, last_relu=False, small_stem=False)
+    c.model = dict(
+        name="resnet_digits",
+        width=16,  # resnet_digits only
+        last_relu=False,
+        stem="podnet",  # resnet18 only: 'podnet' (3x3/1 conv + max-pool, official) or 'torchvision'
+    )
     c.checkpoint = dict(
         every_minutes=5.0,  # save inside a task at most this often (and at every task end)
         every_steps=0,  # if > 0, also save every this many steps
@@ -104,12 +111,15 @@ def base_config() -> ml_collections.ConfigDict:
         epochs=160,
         batch_size=128,
         lr=0.1,
+        # 'cosine_epoch': PODNet's CosineAnnealingLR stepped once per epoch (epochs 0 and 1 use lr,
+        # epoch e >= 1 uses lr * (1 + cos(pi * (e - 1) / epochs)) / 2); 'cosine_step': per step.
+        schedule="cosine_epoch",
         momentum=0.9,
         weight_decay=5e-4,
         eval_batch_size=512,
         crop_padding=0,  # random crop after zero padding (4 for CIFAR); 0 disables
         flip=False,  # random horizontal flip
-        brightness=0.0,  # additive brightness jitter (63/255 for CIFAR); 0 disables
+        brightness=0.0,  # multiplicative brightness jitter U[1-b, 1+b] (63/255 for CIFAR); 0 disables
     )
     return c
 

@@ -49,31 +49,47 @@ def forgetting(acc_matrix: Sequence[Sequence[float | None]]) -> float | None:
     return float(np.mean(drops))
 
 
+NME_EPS = 1e-8  # the official code's EPSILON: x / (||x|| + 1e-8)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + NME_EPS)
+
+
 def nme_predict(features: np.ndarray, class_means: np.ndarray) -> np.ndarray:
-    """Nearest-mean-of-exemplars prediction (iCaRL).
+    """Nearest-mean-of-exemplars prediction (iCaRL; PODNet's ``compute_accuracy``).
 
     Args:
-      features: (N, D) features; L2-normalised here.
-      class_means: (C, D) normalised class means of the exemplars' normalised features.
+      features: (N, D) features; divided by ``||f|| + 1e-8`` here.
+      class_means: (C, D) class means from :func:`class_means`.
     Returns:
-      (N,) index of the closest class mean in euclidean distance.
+      (N,) index of the closest class mean in squared euclidean distance.
     """
-    feats = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    feats = _unit(features)
     dists = (
         np.sum(feats**2, axis=1, keepdims=True)
-        - 2.0 * feats @ class_means.T
-        + np.sum(class_means**2, axis=1)[None, :]
+        - 2.0 * feats @ np.asarray(class_means, np.float64).T
+        + np.sum(np.asarray(class_means, np.float64) ** 2, axis=1)[None, :]
     )
     return np.argmin(dists, axis=1)
 
 
-def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, D) mean of the L2-normalised features of each class, re-normalised (zeros if empty)."""
-    feats = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    means = np.zeros((num_classes, features.shape[1]), dtype=np.float64)
+def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                flipped_features: np.ndarray | None = None) -> np.ndarray:
+    """(C, D) exemplar means, as PODNet's ``compute_examplar_mean`` (zeros for an empty class).
+
+    ``mean_c = (avg_i u(f_i) + avg_i u(f'_i)) / 2``, then ``mean_c / (||mean_c|| + 1e-8)``, over the
+    exemplars i of class c, with ``u(x) = x / (||x|| + 1e-8)`` and ``f'_i`` the features of the
+    horizontally flipped exemplar (``flipped_features``, same rows as ``features``; without it the
+    flipped term is the plain term).
+    """
+    feats = _unit(features)
+    flips = feats if flipped_features is None else _unit(flipped_features)
+    means = np.zeros((num_classes, feats.shape[1]), dtype=np.float64)
     for c in range(num_classes):
         sel = labels == c
         if np.any(sel):
-            m = feats[sel].mean(axis=0)
-            means[c] = m / max(np.linalg.norm(m), 1e-12)
+            m = (feats[sel].mean(axis=0) + flips[sel].mean(axis=0)) / 2.0
+            means[c] = m / (np.linalg.norm(m) + NME_EPS)
     return means

@@ -66,8 +66,9 @@ def apply_podnet(c, *, pod_flat: float, pod_spatial: float, finetune_lr: float) 
 
 
 def apply_optimiser(c, *, epochs: int, batch_size: int, lr: float, weight_decay: float) -> None:
-    """SGD, momentum 0.9, cosine schedule per task, with the protocol's numbers."""
+    """SGD, momentum 0.9, PODNet's per-epoch cosine schedule per task, with the protocol's numbers."""
     c.train.epochs = epochs
+    c.train.schedule = "cosine_epoch"
     c.train.batch_size = batch_size
     c.train.lr = lr
     c.train.momentum = 0.9

@@ -119,9 +119,9 @@ class TaskLoop:
             return self._host_predict(eval_fn, ArraySource(images, labels), np.arange(len(images)))
         return self._predict(eval_fn, images)
 
-    def _eval_fn(self, method):
+    def _eval_fn(self, method, flip: bool = False):
         return jax.jit(train_lib.make_eval_fn(self.backbone, method.head_apply, self.mean,
-                                              self.std))
+                                              self.std, flip=flip))
 
     def _step_config(self, synth_batch: int) -> train_lib.StepConfig:
         c = self.cfg
@@ -156,7 +156,7 @@ class TaskLoop:
         cfg, sc = self.cfg, self.sc
         task_clock = tr.timer()
         start, end = sc.task_range(t)
-        method = get_method(cfg, TaskInfo(task=t, num_old=start, num_new=end - start))
+        method = self._method_for(t)
         task_key = jax.random.fold_in(self.base_key, t)
         old_classes = [c for k in range(t) for c in sc.task_classes(k)]
         synth_x, synth_y = self._synthetic(old_classes, 0, cfg.synthetic.per_class)
@@ -183,18 +183,18 @@ class TaskLoop:
         use_synth = cfg.synthetic.use_in != "none" and len(synth_x) > 0
         pool_dev = None if self.host else (parallel.put_replicated(pool.images, self.mesh),
                                            parallel.put_replicated(pool.labels, self.mesh))
+        # PODNet's order: train -> herding of the new classes -> balanced finetuning on the memory
+        # -> herding again with the finetuned network (the memory kept) -> NME means -> old model.
         if resume is None or resume["phase"] == "train":
             self._train_stage(method, "train", real_idx, pool, pool_dev, task_key, t,
                               self.synth_bs if use_synth else 0, resume)
             self._update_memory(method, pool, start, end)
             resume = None
-        ft_epochs = method.finetune_epochs()
-        if ft_epochs > 0:
-            balanced = self._memory_indices(range(end))
-            if cfg.synthetic.in_finetuning and not cfg.synthetic.replace_memory:
-                balanced = np.concatenate([balanced, np.arange(pool.synth_lo, pool.synth_hi)])
+        if method.finetune_epochs() > 0:
+            balanced = self._balanced_indices(pool, t, end)
             self._train_stage(method, "finetune", balanced, pool, pool_dev,
                               jax.random.fold_in(task_key, 1), t, 0, resume)
+            self._update_memory(method, pool, start, end)
         result = self._evaluate(method, pool, t, start, end)
         result.update(task=t, num_classes=end, new_classes=sc.task_classes(t),
                       train_images=int(len(real_idx)), synthetic_images=int(len(synth_x)),
@@ -209,6 +209,30 @@ class TaskLoop:
                                           batch_stats=self.batch_stats, opt_state=())
         self._save(t, "task_done", done_state)
         self._stop_if_requested(f"after task {t + 1}")
+
+    def _method_for(self, t: int):
+        start, end = self.sc.task_range(t)
+        return get_method(self.cfg, TaskInfo(task=t, num_old=start, num_new=end - start))
+
+    def _balanced_indices(self, pool, t: int, end: int) -> np.ndarray:
+        """The class-balanced finetuning set: ``memory.per_class`` memory images of every class.
+
+        Real memories already hold that many per class. Synthetic memories (``replace_memory``) are
+        under-sampled to the same count (a seeded draw per task and class) so the set stays
+        balanced; ``synthetic.in_finetuning`` adds the old classes' synthetic pool on top.
+        """
+        cfg = self.cfg
+        parts = []
+        for c in range(end):
+            idx = self.memory.get(c, np.zeros((0,), np.int64))
+            if len(idx) > cfg.memory.per_class:
+                rng = np.random.default_rng([cfg.seed, t, c, 17])
+                idx = np.sort(rng.choice(idx, size=cfg.memory.per_class, replace=False))
+            parts.append(np.asarray(idx, np.int64))
+        balanced = np.concatenate(parts) if parts else np.zeros((0,), np.int64)
+        if cfg.synthetic.in_finetuning and not cfg.synthetic.replace_memory:
+            balanced = np.concatenate([balanced, np.arange(pool.synth_lo, pool.synth_hi)])
+        return balanced
 
     def _memory_indices(self, classes) -> np.ndarray:
         parts = [self.memory[c] for c in classes if c in self.memory]
@@ -232,10 +256,12 @@ class TaskLoop:
         finetune = stage == "finetune"
         epochs = method.finetune_epochs() if finetune else cfg.train.epochs
         lr = cfg.method.finetune_lr if finetune else cfg.train.lr
-        per_epoch = (len(indices) // cfg.train.batch_size if self.host
-                     else -(-len(indices) // cfg.train.batch_size))
-        steps = epochs * max(1, per_epoch)
-        tx = train_lib.make_optimizer(lr, cfg.train.momentum, cfg.train.weight_decay, steps)
+        per_epoch = max(1, len(indices) // cfg.train.batch_size if self.host
+                        else -(-len(indices) // cfg.train.batch_size))
+        steps = epochs * per_epoch
+        # Finetuning: constant lr (the official finetuning has no scheduler), same SGD otherwise.
+        tx = train_lib.make_optimizer(lr, cfg.train.momentum, cfg.train.weight_decay, steps,
+                                      "constant" if finetune else cfg.train.schedule, per_epoch)
         if self.host:
             make = train_lib.make_host_finetune_step if finetune else train_lib.make_host_train_step
         else:
@@ -308,7 +334,8 @@ class TaskLoop:
         mem_all = self._memory_indices(range(end))
         if method.uses_memory and len(mem_all):
             _, mem_feats = self._pool_predict(eval_fn, pool, mem_all)
-            memory_means = ev.class_means(mem_feats, pool.labels[mem_all], end)
+            _, mem_flip = self._pool_predict(self._eval_fn(method, flip=True), pool, mem_all)
+            memory_means = ev.class_means(mem_feats, pool.labels[mem_all], end, mem_flip)
         sel = (self.test_y >= 0) & (self.test_y < end)
         if self.host:
             logits, feats = self._host_predict(eval_fn, self.ds.test_source, np.flatnonzero(sel))
@@ -366,8 +393,10 @@ class TaskLoop:
             return jax.eval_shape(lambda: train_lib.TrainState(
                 step=jnp.zeros((), jnp.int32), params=params, batch_stats=self.batch_stats,
                 opt_state=()))
-        tx = train_lib.make_optimizer(1.0, self.cfg.train.momentum, 0.0, 1)
-        init = train_lib.init_head_state if progress["phase"] == "finetune" else train_lib.init_state
+        finetune = progress["phase"] == "finetune"
+        tx = train_lib.make_optimizer(1.0, self.cfg.train.momentum, 0.0, 1,
+                                      "constant" if finetune else self.cfg.train.schedule)
+        init = train_lib.init_head_state if finetune else train_lib.init_state
         return jax.eval_shape(lambda: init(params, self.batch_stats, tx))
 
     def resume(self) -> int:

@@ -50,17 +50,45 @@ class StepConfig:
     brightness: float
 
 
-def make_optimizer(lr: float, momentum: float, weight_decay: float,
-                   total_steps: int) -> optax.GradientTransformation:
-    """SGD with momentum, coupled weight decay (as torch.optim.SGD) and a cosine schedule.
+def lr_schedule(lr: float, kind: str, total_steps: int, steps_per_epoch: int = 1):
+    """The learning rate as a function of the optimizer step ``t`` (0-based).
 
-    update = -lr_t * m_t,  m_t = momentum * m_{t-1} + (g_t + weight_decay * w),
-    lr_t = lr * (1 + cos(pi * t / total_steps)) / 2.
+    * ``constant``: ``lr`` (PODNet's balanced finetuning);
+    * ``cosine_step``: ``lr * (1 + cos(pi * t / total_steps)) / 2``;
+    * ``cosine_epoch``: PODNet's ``CosineAnnealingLR(T_max=E)`` stepped once per epoch in closed form
+      (``scheduler.step(epoch)`` after each epoch), with ``e = t // steps_per_epoch`` and
+      ``E = total_steps / steps_per_epoch`` epochs: epoch 0 uses ``lr``, epoch ``e >= 1`` uses
+      ``lr * (1 + cos(pi * (e - 1) / E)) / 2``.
     """
-    schedule = optax.cosine_decay_schedule(lr, max(total_steps, 1))
+    if kind == "constant":
+        return lr
+    if kind == "cosine_step":
+        return optax.cosine_decay_schedule(lr, max(total_steps, 1))
+    if kind == "cosine_epoch":
+        spe = max(int(steps_per_epoch), 1)
+        epochs = max(-(-int(total_steps) // spe), 1)
+
+        def schedule(step):
+            e = jnp.maximum(step // spe - 1, 0).astype(jnp.float32)
+            return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * e / epochs))
+
+        return schedule
+    raise ValueError(f"Unknown learning-rate schedule {kind!r}; use constant, cosine_step or "
+                     "cosine_epoch.")
+
+
+def make_optimizer(lr: float, momentum: float, weight_decay: float, total_steps: int,
+                   schedule: str = "cosine_step",
+                   steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """SGD with momentum and coupled weight decay, as ``torch.optim.SGD``.
+
+    update = -lr_t * m_t,  m_t = momentum * m_{t-1} + (g_t + weight_decay * w)  (m_0 = g_0 + wd w),
+    with ``lr_t`` from :func:`lr_schedule` (``schedule`` in constant, cosine_step, cosine_epoch).
+    """
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
-        optax.sgd(schedule, momentum=momentum if momentum > 0 else None),
+        optax.sgd(lr_schedule(lr, schedule, total_steps, steps_per_epoch),
+                  momentum=momentum if momentum > 0 else None),
     )
 
 
@@ -84,8 +112,22 @@ def forward(backbone: flax.linen.Module, head_apply: Callable, params, batch_sta
     return out, new_stats
 
 
-def _update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mask, dist_mask):
-    """Forward (old and new model), loss, gradient transform, optimizer update."""
+def update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mask, dist_mask):
+    """One optimisation step on a prepared batch (pure; traced inside the jitted step).
+
+    Forward of the frozen old model (inference mode, no gradient) when the method needs it; forward
+    of the current model in train mode (batch statistics; running statistics updated); the method's
+    loss with the per-sample masks; ``method.transform_grads`` (e.g. PODNet's element-wise clamp);
+    the optimizer; ``method.transform_updates`` (e.g. frozen old proxies).
+
+    Args:
+      images: (B, H, W, C) float32, normalised. y: (B,) int32 incremental labels.
+      cls_mask, dist_mask: (B,) float32, 1 where the sample feeds the classification /
+        distillation losses.
+
+    Returns:
+      (new state, metrics dict with 'loss' and the method's terms).
+    """
     old_out = None
     if old_vars is not None and method.needs_old_model:
         old_out, _ = forward(backbone, method.head_apply, old_vars["params"],
@@ -146,7 +188,7 @@ def make_train_step(backbone, method, tx: optax.GradientTransformation, cfg: Ste
         images = aug_lib.augment(x.astype(jnp.float32) / 255.0, k_aug, crop_padding=cfg.crop_padding,
                                  flip=cfg.flip, brightness=cfg.brightness)
         images = (images - mean) / std
-        return _update(backbone, method, tx, state, old_vars, images, y, cls_mask, dist_mask)
+        return update(backbone, method, tx, state, old_vars, images, y, cls_mask, dist_mask)
 
     return step
 
@@ -168,15 +210,22 @@ def make_host_train_step(backbone, method, tx: optax.GradientTransformation, cfg
             x = jax.lax.with_sharding_constraint(x, data_sharding)
         cls_mask, dist_mask = _masks(cfg, x_real.shape[0])
         images = (x.astype(jnp.float32) / 255.0 - mean) / std
-        return _update(backbone, method, tx, state, old_vars, images, y, cls_mask, dist_mask)
+        return update(backbone, method, tx, state, old_vars, images, y, cls_mask, dist_mask)
 
     return step
 
 
-def _finetune_update(backbone, method, tx, state: TrainState, images, y):
-    feats = backbone.apply({"params": state.params["backbone"], "batch_stats": state.batch_stats},
-                           images, train=False)["features"]
-    feats = jax.lax.stop_gradient(feats)
+def finetune_update(backbone, method, tx, state: TrainState, images, y):
+    """Balanced finetuning, as PODNet's official ``finetuning_config`` (tuning: classifier).
+
+    The network runs in train mode: batch norm normalises with the batch statistics and updates its
+    running statistics; the backbone weights get no update (``stop_gradient`` on the features) and
+    only the leaves that ``method.finetune_update_mask`` marks trainable move (for PODNet: every
+    proxy, old and new, but not the learned scale, which the official finetuning optimizer omits).
+    """
+    out, new_stats = forward(backbone, method.head_apply, state.params, state.batch_stats, images,
+                             train=True)
+    feats = jax.lax.stop_gradient(out["features"])
     mask = jnp.ones(y.shape, jnp.float32)
 
     def loss_fn(head):
@@ -185,16 +234,19 @@ def _finetune_update(backbone, method, tx, state: TrainState, images, y):
     loss, grads = jax.value_and_grad(loss_fn)(state.params["head"])
     grads = method.transform_grads({"head": grads})["head"]
     updates, opt_state = tx.update(grads, state.opt_state, state.params["head"])
+    updates = jax.tree.map(lambda u, m: u * m, updates, method.finetune_update_mask(updates))
     head = optax.apply_updates(state.params["head"], updates)
     params = dict(state.params, head=head)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss}
+    return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                         opt_state=opt_state), {"loss": loss}
 
 
 def make_finetune_step(backbone, method, tx: optax.GradientTransformation, cfg: StepConfig,
                        mean: jax.Array, std: jax.Array, data_sharding=None):
-    """Classifier-only step on a frozen backbone (inference-mode batch norm).
+    """Classifier-only step (see :func:`finetune_update`): batch norm in train mode.
 
-    Same signature as :func:`make_train_step`; only ``params['head']`` changes. The real batch is
+    Same signature as :func:`make_train_step`; ``params['head']`` and ``batch_stats`` change. The
+    real batch is
     the class-balanced finetuning set; there is no synthetic stream (synthetic images, when asked
     for, are part of the balanced set) and no distillation.
     """
@@ -207,7 +259,7 @@ def make_finetune_step(backbone, method, tx: optax.GradientTransformation, cfg: 
             x = jax.lax.with_sharding_constraint(x, data_sharding)
         images = aug_lib.augment(x.astype(jnp.float32) / 255.0, key, crop_padding=cfg.crop_padding,
                                  flip=cfg.flip, brightness=cfg.brightness)
-        return _finetune_update(backbone, method, tx, state, (images - mean) / std,
+        return finetune_update(backbone, method, tx, state, (images - mean) / std,
                                 pool_y[real_idx])
 
     return step
@@ -220,7 +272,7 @@ def make_host_finetune_step(backbone, method, tx: optax.GradientTransformation, 
     def step(state: TrainState, old_vars, x_real, y_real, x_synth, y_synth):
         del old_vars, x_synth, y_synth
         images = (x_real.astype(jnp.float32) / 255.0 - mean) / std
-        return _finetune_update(backbone, method, tx, state, images, y_real)
+        return finetune_update(backbone, method, tx, state, images, y_real)
 
     return step
 
@@ -231,10 +283,16 @@ def init_head_state(params, batch_stats, tx: optax.GradientTransformation) -> Tr
                       opt_state=tx.init(params["head"]))
 
 
-def make_eval_fn(backbone, head_apply: Callable, mean: jax.Array, std: jax.Array):
-    """``eval_fn(params, batch_stats, images_u8) -> (logits, features)`` in inference mode."""
+def make_eval_fn(backbone, head_apply: Callable, mean: jax.Array, std: jax.Array,
+                 flip: bool = False):
+    """``eval_fn(params, batch_stats, images_u8) -> (logits, features)`` in inference mode.
+
+    ``flip=True`` mirrors the images horizontally first (the flipped copies of PODNet's NME means).
+    """
 
     def eval_fn(params, batch_stats, images_u8):
+        if flip:
+            images_u8 = images_u8[:, :, ::-1, :]
         images = (images_u8.astype(jnp.float32) / 255.0 - mean) / std
         out, _ = forward(backbone, head_apply, params, batch_stats, images, train=False)
         return out["logits"], out["features"]

@@ -7,36 +7,52 @@ from sdcil_jax.data import herding_select, random_select
 
 
 def reference_herding(features, m):
-    """iCaRL herding written as plainly as possible (loops, explicit running mean)."""
-    x = features / np.linalg.norm(features, axis=1, keepdims=True)
-    mean = x.mean(axis=0)
-    chosen = []
-    for k in range(1, min(m, len(x)) + 1):
-        best, best_dist = None, np.inf
-        for j in range(len(x)):
-            if j in chosen:
-                continue
-            candidate = (x[chosen].sum(axis=0) + x[j]) / k
-            dist = np.linalg.norm(mean - candidate)
-            if dist < best_dist:
-                best, best_dist = j, dist
-        chosen.append(best)
-    return chosen
+    """PODNet's official icarl_selection (inclearn/lib/herding.py), transcribed with loops."""
+    d = features.T / (np.linalg.norm(features.T, axis=0) + 1e-8)
+    mu = d.mean(axis=1)
+    w = mu.copy()
+    order, iterations = [], 0
+    while len(order) < min(m, features.shape[0]) and iterations < 1000:
+        scores = [float(w @ d[:, j]) for j in range(d.shape[1])]
+        best = scores.index(max(scores))
+        iterations += 1
+        if best not in order:
+            order.append(best)
+        w = w + mu - d[:, best]
+    return order
 
 
 @pytest.mark.parametrize("n, d, m, seed", [(30, 8, 10, 0), (50, 16, 20, 1), (12, 4, 12, 2)])
-def test_herding_matches_reference(n, d, m, seed):
+def test_herding_matches_official_rule(n, d, m, seed):
     features = np.random.default_rng(seed).normal(size=(n, d)) + 0.5
     got = herding_select(features, m)
     assert got.dtype == np.int64
     assert got.tolist() == reference_herding(features, m)
 
 
-def test_herding_first_pick_closest_to_mean_and_no_repeats():
+def test_herding_differs_from_closest_mean_greedy():
+    """The official rule may revisit a sample (no new exemplar that iteration); it is not the
+    'closest running mean among the unpicked' greedy of the iCaRL paper."""
+    rng = np.random.default_rng(7)
+    differs = 0
+    for _ in range(20):
+        f = rng.normal(size=(25, 5)) + 0.3
+        x = f / np.linalg.norm(f, axis=1, keepdims=True)
+        greedy, total = [], np.zeros(5)
+        for k in range(1, 11):
+            cost = [np.inf if j in greedy else np.linalg.norm(x.mean(0) - (total + x[j]) / k)
+                    for j in range(25)]
+            greedy.append(int(np.argmin(cost)))
+            total += x[greedy[-1]]
+        differs += herding_select(f, 10).tolist() != greedy
+    assert differs > 0
+
+
+def test_herding_first_pick_and_no_repeats():
     rng = np.random.default_rng(3)
     features = rng.normal(size=(40, 6)) * rng.uniform(0.1, 5, size=(40, 1))
     x = features / np.linalg.norm(features, axis=1, keepdims=True)
-    first = int(np.argmin(np.linalg.norm(x - x.mean(axis=0), axis=1)))
+    first = int(np.argmax(x @ x.mean(axis=0)))  # most aligned with the mean direction
     picks = herding_select(features, 15)
     assert picks[0] == first and len(set(picks.tolist())) == 15
     # Row scaling does not matter: features are L2-normalised first.

@@ -36,3 +36,19 @@ def test_nme_matches_bruteforce():
         d = [np.sum((normed[i] - means[c]) ** 2) for c in range(3)]
         assert pred[i] == int(np.argmin(d))
     assert np.allclose(np.linalg.norm(means, axis=1), 1.0)
+
+
+def test_nme_means_average_plain_and_flipped_exemplars():
+    """PODNet's compute_examplar_mean: (mean u(f) + mean u(f_flip)) / 2, renormalised, with
+    u(x) = x / (||x|| + 1e-8)."""
+    rng = np.random.default_rng(1)
+    feats, flips = rng.normal(size=(12, 4)), rng.normal(size=(12, 4))
+    labels = np.repeat([0, 1, 2], 4)
+    means = ev.class_means(feats, labels, 4, flipped_features=flips)
+    for c in range(3):
+        u = feats[labels == c] / (np.linalg.norm(feats[labels == c], axis=1, keepdims=True) + 1e-8)
+        v = flips[labels == c] / (np.linalg.norm(flips[labels == c], axis=1, keepdims=True) + 1e-8)
+        m = (u.mean(0) + v.mean(0)) / 2
+        np.testing.assert_allclose(means[c], m / (np.linalg.norm(m) + 1e-8), rtol=1e-12)
+    np.testing.assert_array_equal(means[3], 0.0)  # a class without exemplars
+    assert not np.allclose(means[:3], ev.class_means(feats, labels, 4)[:3])

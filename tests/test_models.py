@@ -6,7 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from sdcil_jax.config import base_config
 from sdcil_jax.errors import ConfigError
+from sdcil_jax.methods import TaskInfo, get_method
 from sdcil_jax.models import (
     ResNet18,
     build_backbone,
@@ -82,19 +84,25 @@ def test_resnet32_shapes_and_param_count():
 
 
 def test_resnet18_shapes_and_param_count():
-    variables, out = _abstract(ResNet18(), (2, 64, 64, 3))
+    # Default: PODNet's official stem (inclearn/convnet/resnet.py): 3x3 stride-1 conv, BN, ReLU,
+    # 3x3/2 max-pool; a 224 input is 112x112 after the max-pool (the first stage's map).
+    variables, out = _abstract(ResNet18(), (2, 224, 224, 3))
     assert [m.shape for m in out["maps"]] == [
-        (2, 16, 16, 64),
-        (2, 8, 8, 128),
-        (2, 4, 4, 256),
-        (2, 2, 2, 512),
+        (2, 112, 112, 64),
+        (2, 56, 56, 128),
+        (2, 28, 28, 256),
+        (2, 14, 14, 512),
     ]
     assert out["features"].shape == (2, 512)
+    assert variables["params"]["stem_conv"]["kernel"].shape == (3, 3, 3, 64)
+    official = 11_176_512 - _conv(7, 3, 64) + _conv(3, 3, 64)
+    assert _n_params(variables["params"]) == official
+    # torchvision's 7x7/2 stem: spatial sizes /2 again.
+    variables, out = _abstract(ResNet18(stem="torchvision"), (2, 64, 64, 3))
+    assert [m.shape[1] for m in out["maps"]] == [16, 8, 4, 2]
     assert _n_params(variables["params"]) == 11_176_512  # torchvision resnet18 minus its fc
-    # PODNet's variant: 3x3 stride-1 stem conv, spatial sizes x2 vs the 7x7/2 stem.
-    variables, out = _abstract(ResNet18(small_stem=True), (2, 64, 64, 3))
-    assert [m.shape[1] for m in out["maps"]] == [32, 16, 8, 4]
-    assert _n_params(variables["params"]) == 11_176_512 - _conv(7, 3, 64) + _conv(3, 3, 64)
+    with pytest.raises(ValueError, match="stem"):
+        _abstract(ResNet18(stem="huge"), (1, 32, 32, 3))
 
 
 def test_bfloat16_maps_float32_features():
@@ -255,18 +263,49 @@ def test_kmeans_imprint_finds_clusters():
         feats.append(pts + 0.01 * rng.normal(size=pts.shape))
     proxies = kmeans_imprint(feats, k, seed=0)
     assert proxies.shape == (3 * k, dim) and proxies.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(proxies, axis=1), 1.0, rtol=1e-5)
+    # Centroids of normalised, tightly clustered features: norm close to 1 (not re-normalised).
+    np.testing.assert_allclose(np.linalg.norm(proxies, axis=1), 1.0, rtol=1e-3)
     for c in range(3):
-        cos = proxies[c * k : (c + 1) * k] @ centres[c].T  # (K proxies, K true centres)
+        unit = proxies[c * k : (c + 1) * k]
+        cos = (unit / np.linalg.norm(unit, axis=1, keepdims=True)) @ centres[c].T
         assert cos.max(axis=0).min() > 0.99  # every true centre has its proxy
         assert cos.max(axis=1).min() > 0.99  # every proxy sits on a true centre
 
 
+def test_kmeans_imprint_scales_centroids_to_the_existing_proxies_norm():
+    """Official add_imprinted_classes: k-means centres of the normalised features (not normalised
+    again) times the mean norm of the existing proxies."""
+    rng = np.random.default_rng(1)
+    feats = [rng.normal(size=(40, 6)) + 2.0]
+    plain = kmeans_imprint(feats, 3, seed=0)
+    scaled = kmeans_imprint(feats, 3, seed=0, target_norm=2.5)
+    np.testing.assert_allclose(scaled, 2.5 * plain, rtol=1e-6)
+    x = feats[0] / np.linalg.norm(feats[0], axis=1, keepdims=True)
+    # Every centroid is a mean of unit vectors of its cluster: norm below 1 unless the cluster is
+    # one direction.
+    assert np.all(np.linalg.norm(plain, axis=1) < 1.0)
+    assert np.linalg.norm(x.mean(0)) < 1.0
+
+
 def test_kmeans_imprint_fewer_samples_than_proxies():
     feats = [np.array([[3.0, 0.0], [0.0, -2.0]]), np.eye(2) + 1.0]
-    proxies = kmeans_imprint(feats, 3, seed=0)
-    np.testing.assert_allclose(proxies[:3], [[1, 0], [0, -1], [1, 0]], atol=1e-6)
-    np.testing.assert_allclose(np.linalg.norm(proxies, axis=1), 1.0, rtol=1e-6)
+    proxies = kmeans_imprint(feats, 3, seed=0, target_norm=2.0)
+    np.testing.assert_allclose(proxies[:3], [[2, 0], [0, -2], [2, 0]], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(proxies, axis=1), 2.0, rtol=1e-6)
+
+
+def test_podnet_imprints_at_the_mean_proxy_norm():
+    cfg = base_config()
+    cfg.method.name = "podnet"
+    cfg.method.proxies_per_class = 2
+    method = get_method(cfg, TaskInfo(task=1, num_old=2, num_new=1))
+    head = {"proxies": jnp.asarray(np.repeat([[3.0, 0.0], [0.0, 5.0]], 2, axis=0)),
+            "scale": jnp.asarray(1.0)}
+    feats = [np.random.default_rng(0).normal(size=(10, 2))]
+    grown = method.grow_head(head, jax.random.PRNGKey(0), 1, feats)
+    new = np.asarray(grown["proxies"][4:])
+    want = kmeans_imprint(feats, 2, seed=cfg.seed + 1, target_norm=4.0)
+    np.testing.assert_allclose(new, want, rtol=1e-6)
 
 
 def test_build_backbone_registry():

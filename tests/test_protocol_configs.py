@@ -108,7 +108,8 @@ def test_podnet_protocol_defaults(name):
     assert g.per_class == p["synth_per_class"]
     if p["dataset"] == "imagenet2012":
         assert (c.dataset.image_size, c.dataset.test_resize) == (224, 256)
-        assert c.model.small_stem is False
+        assert c.model.stem == "podnet"  # official 3x3/1 conv + max-pool stem
+    assert c.train.schedule == "cosine_epoch"  # PODNet's per-epoch CosineAnnealingLR
 
 
 def test_cifar100_default_steps_and_order():

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _normalise(features: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.maximum(norms, 1e-12)
+# The official code's EPSILON (``x / (||x|| + 1e-8)``) and its cap on herding iterations.
+HERDING_EPS = 1e-8
+HERDING_MAX_ITERATIONS = 1000
 
 
 def herding_select(features: np.ndarray, m: int) -> np.ndarray:
-    """iCaRL herding: indices of ``m`` exemplars of one class, in selection order.
+    """iCaRL herding as PODNet's official ``inclearn/lib/herding.py::icarl_selection``.
 
-    Features ``(N, D)`` are L2-normalised; step ``k`` (1-based) picks, among the samples not picked
-    yet, the one that makes the mean of the ``k`` picked features closest (euclidean) to the mean of
-    all normalised features. Ties go to the lowest index. With ``m >= N`` all ``N`` indices are
-    returned in herding order. Returns int64 indices without repeats.
+    With ``x_i`` the features ``(N, D)`` divided by ``||x_i|| + 1e-8`` and ``mu`` their mean, start
+    from ``w = mu`` and repeat: ``i = argmax_j <w, x_j>`` (first index on ties); if ``i`` is new it
+    becomes the next exemplar; ``w <- w + mu - x_i``. Stop once ``min(m, N)`` distinct samples are
+    picked or after 1000 iterations (then the unpicked ones follow in index order). Returns int64
+    positions in selection order, without repeats; ``m >= N`` returns every index.
     """
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
@@ -25,22 +25,20 @@ def herding_select(features: np.ndarray, m: int) -> np.ndarray:
     m = min(max(int(m), 0), n)
     if m == 0:
         return np.zeros((0,), dtype=np.int64)
-    x = _normalise(x)
-    target = x.mean(axis=0)
-    sq_norms = np.sum(x * x, axis=1)
-    running_sum = np.zeros_like(target)
-    available = np.ones(n, dtype=bool)
-    picked = np.empty((m,), dtype=np.int64)
-    for k in range(1, m + 1):
-        # ||target - (S + x_i) / k||^2 * k^2 = ||r - x_i||^2 with r = k * target - S; drop ||r||^2.
-        residual = k * target - running_sum
-        cost = sq_norms - 2.0 * (x @ residual)
-        cost[~available] = np.inf
-        i = int(np.argmin(cost))
-        picked[k - 1] = i
-        available[i] = False
-        running_sum += x[i]
-    return picked
+    x = x / (np.linalg.norm(x, axis=1, keepdims=True) + HERDING_EPS)
+    mu = x.mean(axis=0)
+    w = mu.copy()
+    rank = np.full((n,), np.iinfo(np.int64).max, dtype=np.int64)
+    picked = 0
+    for _ in range(HERDING_MAX_ITERATIONS):
+        if picked == m:
+            break
+        i = int(np.argmax(x @ w))
+        if rank[i] == np.iinfo(np.int64).max:
+            rank[i] = picked
+            picked += 1
+        w += mu - x[i]
+    return np.argsort(rank, kind="stable")[:m].astype(np.int64)
 
 
 def random_select(n: int, m: int, rng: np.random.Generator | int | None = None) -> np.ndarray:

@@ -77,3 +77,7 @@ class Method:
 
     def finetune_loss(self, head, scores, labels, mask):
         raise NotImplementedError
+
+    def finetune_update_mask(self, head_updates):
+        """1 for head leaves that balanced finetuning may change, 0 for frozen ones (all 1 here)."""
+        return jax.tree.map(lambda u: jax.numpy.ones((), u.dtype), head_updates)

@@ -8,8 +8,10 @@ Loss of task t (n = classes seen, k = new classes; ``cls``/``dist`` the per-samp
 
 Gradients are clamped element-wise to [-grad_clip, grad_clip]; the old classes' proxies are frozen
 (their optimizer updates are multiplied by 0); the new classes' proxies are imprinted by k-means on
-the normalised features of their training images; after training, the classifier alone is finetuned
-on a class-balanced set (the memory, with the new classes under-sampled to the memory size).
+the normalised features of their training images, the centres scaled to the mean norm of the existing
+proxies; after training, the proxies (not the learned scale) are finetuned on a class-balanced set
+(the memory, with the new classes under-sampled to the memory size) at a constant learning rate,
+with batch norm in train mode (see ``sdcil_jax.train.finetune_update``).
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ class PODNet(Method):
         if new_class_feats is None:
             fresh = heads.lsc_init(key, head["proxies"].shape[1], num_new, self.k)["proxies"]
         else:
+            norm = float(np.mean(np.linalg.norm(np.asarray(head["proxies"]), axis=1)))
             fresh = jnp.asarray(heads.kmeans_imprint(new_class_feats, self.k,
-                                                     seed=self.config.seed + self.info.task))
+                                                     seed=self.config.seed + self.info.task,
+                                                     target_norm=norm))
         return heads.lsc_grow(head, fresh)
 
     def head_apply(self, head, feats):
@@ -84,6 +88,10 @@ class PODNet(Method):
 
     def finetune_loss(self, head, scores, labels, mask):
         return self.classification_loss(head, scores, labels, mask)
+
+    def finetune_update_mask(self, head_updates):
+        """Every proxy is finetuned; the learned scale is not (not in the official optimizer)."""
+        return {"proxies": jnp.ones((), jnp.float32), "scale": jnp.zeros((), jnp.float32)}
 
     def real_indices(self, new_idx, memory_idx, seen_idx):
         return np.concatenate([new_idx, memory_idx])

@@ -167,32 +167,36 @@ def mask_updates(updates: Params, mask: Params) -> Params:
 
 
 def kmeans_imprint(
-    features_by_class: Sequence[Array], proxies_per_class: int, seed: int, n_init: int = 10
+    features_by_class: Sequence[Array], proxies_per_class: int, seed: int, n_init: int = 10,
+    target_norm: float = 1.0,
 ) -> np.ndarray:
-    """Imprinted proxies for new classes: k-means centroids of their L2-normalised features.
+    """Imprinted proxies for new classes, as PODNet's ``add_imprinted_classes`` (kmeans variant).
 
-    For each class, the features are L2-normalised, clustered with k = K (sklearn ``KMeans``,
-    ``random_state=seed``), and the centroids L2-normalised (PODNet keeps them un-normalised and
-    rescales by the mean proxy norm; the LSC normalises proxies anyway, so only the norm used by
-    the optimizer differs). A class with fewer than K samples gets its normalised samples repeated
-    cyclically as proxies (k-means would have to duplicate them anyway).
+    For each class, the features are L2-normalised and clustered with k = K (sklearn ``KMeans``,
+    ``random_state=seed``); the centroids (not re-normalised) are multiplied by ``target_norm``, the
+    mean L2 norm of the classifier's existing proxies. A class with fewer than K samples gets its
+    normalised samples repeated cyclically (times ``target_norm``) as proxies.
 
     Args:
       features_by_class: per new class, an (N_c, D) array of features from the current model.
       proxies_per_class: K.
       seed: k-means random state.
       n_init: k-means restarts.
+      target_norm: scale of the centroids (mean norm of the existing proxies).
 
     Returns:
-      (n_classes * K, D) float32 numpy array, class c in rows ``c*K .. c*K + K - 1``, unit rows.
+      (n_classes * K, D) float32 numpy array, class c in rows ``c*K .. c*K + K - 1``.
+
+    Raises:
+      ValueError: a class without features (the task loop checks this earlier, with a message).
     """
     k = proxies_per_class
     out = []
     for feats in features_by_class:
         x = np.asarray(feats, np.float64)
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
         if x.shape[0] == 0:
             raise ValueError("kmeans_imprint got a class with no features.")
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
         if x.shape[0] < k:
             centers = x[np.arange(k) % x.shape[0]]
         else:
@@ -201,6 +205,5 @@ def kmeans_imprint(
                 warnings.simplefilter("ignore")
                 km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
             centers = km.cluster_centers_
-        centers = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), _EPS)
-        out.append(centers.astype(np.float32))
+        out.append((centers * float(target_norm)).astype(np.float32))
     return np.concatenate(out, axis=0)

@@ -1,8 +1,8 @@
 """Backbone registry: ``model_cfg.name`` -> a flax module (see :mod:`sdcil_jax.models.resnet`).
 
 ``model_cfg`` keys read: ``name`` (required), ``width`` (``resnet_digits`` only, default 16),
-``last_relu`` (default False), ``small_stem`` (``resnet18`` only, default False), ``dtype``
-(computation dtype name, default ``"float32"``), ``axis_name`` (BatchNorm pmap axis, default None).
+``last_relu`` (default False), ``stem`` (``resnet18`` only: ``"podnet"``, the official 3x3/1 stem,
+default; or ``"torchvision"``), ``dtype`` (computation dtype name, default ``"float32"``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from sdcil_jax.models.resnet import ResNet18, resnet32, resnet_digits, resnet_ti
 def _common(cfg: Any) -> dict[str, Any]:
     return dict(
         last_relu=bool(cfg.get("last_relu", False)),
-        axis_name=cfg.get("axis_name", None),
         dtype=jnp.dtype(cfg.get("dtype", "float32")),
     )
 
@@ -30,7 +29,7 @@ BACKBONES: dict[str, Callable[[Any], nn.Module]] = {
     "resnet32": lambda cfg: resnet32(**_common(cfg)),
     # ResNet-18 for ImageNet: 512-d features.
     "resnet18": lambda cfg: ResNet18(
-        width=64, small_stem=bool(cfg.get("small_stem", False)), **_common(cfg)
+        width=64, stem=str(cfg.get("stem", "podnet")), **_common(cfg)
     ),
     # Smallest net with the same structure (4 blocks, 32-d features): for tests.
     "resnet_tiny": lambda cfg: resnet_tiny(**_common(cfg)),

@@ -21,8 +21,8 @@ Checked against the official PODNet code (arthurdouillard/incremental_learning.p
 * ``inclearn/convnet/resnet.py`` (``ResNet``, ``BasicBlock``, ``resnet18``): the first block of each
   stage keeps the torchvision post-addition ReLU, the last block of each stage has none, and
   ``last_relu`` puts a ReLU between stages (``end_relu``); the maps are the raw stage outputs. That
-  code uses a 3x3 stride-1 stem conv (then the 3x3/2 max-pool); :class:`ResNet18` defaults to the
-  torchvision 7x7 stride-2 stem and offers ``small_stem=True`` for PODNet's variant.
+  code uses a 3x3 stride-1 stem conv (then the 3x3/2 max-pool): :class:`ResNet18`'s default
+  ``stem="podnet"``; ``stem="torchvision"`` gives the usual 7x7 stride-2 stem.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from sdcil_jax.models.batchnorm import BatchNorm
 
 Array = Any
 
@@ -53,17 +55,18 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
     )
 
 
-def _bn(train: bool, axis_name: str | None, dtype: Any, name: str, zero_scale: bool = False):
-    """BatchNorm with torch's defaults (torch momentum 0.1 = flax momentum 0.9, eps 1e-5)."""
-    return nn.BatchNorm(
+def _bn(train: bool, dtype: Any, name: str, zero_scale: bool = False) -> BatchNorm:
+    """torch's BatchNorm2d (momentum 0.1, eps 1e-5, unbiased running variance; see batchnorm.py)."""
+    return BatchNorm(
         use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        axis_name=axis_name,
         scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
         dtype=dtype,
         name=name,
     )
+
+
+# ResNet-18 stems: name -> (kernel, stride) of the first conv (a 3x3/2 max-pool follows both).
+STEMS = {"podnet": (3, 1), "torchvision": (7, 2)}
 
 
 def _pool(x_BxHxWxC: Array) -> Array:
@@ -87,7 +90,6 @@ class CifarBlock(nn.Module):
     """
 
     downsample: bool = False
-    axis_name: str | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -96,9 +98,9 @@ class CifarBlock(nn.Module):
         planes = 2 * in_ch if self.downsample else in_ch
         stride = 2 if self.downsample else 1
         y = _conv(planes, 3, stride, self.dtype, "conv_a")(x)
-        y = nn.relu(_bn(train, self.axis_name, self.dtype, "bn_a")(y))
+        y = nn.relu(_bn(train, self.dtype, "bn_a")(y))
         y = _conv(planes, 3, 1, self.dtype, "conv_b")(y)
-        y = _bn(train, self.axis_name, self.dtype, "bn_b", zero_scale=True)(y)
+        y = _bn(train, self.dtype, "bn_b", zero_scale=True)(y)
         if self.downsample:
             x = x[:, ::2, ::2, :]
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, planes - in_ch)))
@@ -117,7 +119,6 @@ class CifarResNet(nn.Module):
       width: channels of the stem and stage 1.
       last_relu: apply a ReLU to each stage-1..3 block output before the next block (the recorded
         maps stay pre-ReLU, as in the official code). False = PODNet default.
-      axis_name: BatchNorm cross-device axis (pmap); None for jit.
       dtype: computation dtype (parameters stay float32).
 
     ``__call__(x (B, H, W, 3), train)`` returns ``maps`` = [(B,H,W,w), (B,H/2,W/2,2w),
@@ -127,7 +128,6 @@ class CifarResNet(nn.Module):
     n: int
     width: int = 16
     last_relu: bool = False
-    axis_name: str | None = None
     dtype: Any = jnp.float32
 
     @property
@@ -137,7 +137,7 @@ class CifarResNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> dict[str, Any]:
         x = _conv(self.width, 3, 1, self.dtype, "stem_conv")(x)
-        x = nn.relu(_bn(train, self.axis_name, self.dtype, "stem_bn")(x))
+        x = nn.relu(_bn(train, self.dtype, "stem_bn")(x))
         # (first block down-samples?, number of blocks) per stage 1..3.
         stages = [(False, self.n), (True, self.n), (True, 1 + max(self.n - 2, 0))]
         maps = []
@@ -145,14 +145,13 @@ class CifarResNet(nn.Module):
             for i in range(n_blocks):
                 block = CifarBlock(
                     downsample=down and i == 0,
-                    axis_name=self.axis_name,
                     dtype=self.dtype,
                     name=f"stage{s}_block{i}",
                 )
                 y = block(x, train)
                 x = nn.relu(y) if self.last_relu else y
             maps.append(y)
-        y = CifarBlock(axis_name=self.axis_name, dtype=self.dtype, name="stage4_block0")(x, train)
+        y = CifarBlock(dtype=self.dtype, name="stage4_block0")(x, train)
         maps.append(y)
         return _outputs(maps)
 
@@ -170,18 +169,17 @@ class BasicBlock(nn.Module):
     stride: int = 1
     projection: bool = False
     relu_out: bool = True
-    axis_name: str | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         y = _conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
-        y = nn.relu(_bn(train, self.axis_name, self.dtype, "bn1")(y))
+        y = nn.relu(_bn(train, self.dtype, "bn1")(y))
         y = _conv(self.planes, 3, 1, self.dtype, "conv2")(y)
-        y = _bn(train, self.axis_name, self.dtype, "bn2", zero_scale=True)(y)
+        y = _bn(train, self.dtype, "bn2", zero_scale=True)(y)
         if self.projection:
             x = _conv(self.planes, 1, self.stride, self.dtype, "proj_conv")(x)
-            x = _bn(train, self.axis_name, self.dtype, "proj_bn")(x)
+            x = _bn(train, self.dtype, "proj_bn")(x)
         y = x + y
         return nn.relu(y) if self.relu_out else y
 
@@ -189,20 +187,21 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """ResNet-18 backbone for ImageNet (4 stages of 2 BasicBlocks at w, 2w, 4w, 8w; w = 64).
 
-    Stem: 7x7/2 conv + BN + ReLU + 3x3/2 max-pool (torchvision), or with ``small_stem=True`` a 3x3/1
-    conv as in PODNet's ``inclearn/convnet/resnet.py``. Down-sampling stages 2-4 use projection
-    shortcuts. Within a stage, the first block has the post-addition ReLU and the last has none, so
-    each map is the raw stage output; ``last_relu`` adds a ReLU between stages (PODNet: False).
+    Stem ``"podnet"`` (default; PODNet's ``inclearn/convnet/resnet.py``): 3x3 stride-1 conv + BN +
+    ReLU + 3x3/2 max-pool, so a 224 input gives 112x112 after the max-pool. Stem
+    ``"torchvision"``: 7x7 stride-2 conv + BN + ReLU + 3x3/2 max-pool (56x56 after it).
+    Down-sampling stages 2-4 use projection shortcuts. Within a stage, the first block has the
+    post-addition ReLU and the last has none, so each map is the raw stage output; ``last_relu``
+    adds a ReLU between stages (PODNet: False).
 
-    ``__call__(x (B, H, W, 3), train)`` returns ``maps`` = [(B,H/4,W/4,w), (B,H/8,W/8,2w),
-    (B,H/16,W/16,4w), (B,H/32,W/32,8w)] (each spatial size x4 with ``small_stem``) and
-    ``features``/``relu_features`` (B, 8w).
+    ``__call__(x (B, H, W, 3), train)`` returns ``maps`` = [(B,H/2,W/2,w), (B,H/4,W/4,2w),
+    (B,H/8,W/8,4w), (B,H/16,W/16,8w)] with the podnet stem (each /4 more with the torchvision
+    stem) and ``features``/``relu_features`` (B, 8w).
     """
 
     width: int = 64
     last_relu: bool = False
-    small_stem: bool = False
-    axis_name: str | None = None
+    stem: str = "podnet"
     dtype: Any = jnp.float32
 
     @property
@@ -211,9 +210,11 @@ class ResNet18(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> dict[str, Any]:
-        k, s = (3, 1) if self.small_stem else (7, 2)
+        if self.stem not in STEMS:
+            raise ValueError(f"Unknown ResNet-18 stem {self.stem!r}; use one of {sorted(STEMS)}.")
+        k, s = STEMS[self.stem]
         x = _conv(self.width, k, s, self.dtype, "stem_conv")(x)
-        x = nn.relu(_bn(train, self.axis_name, self.dtype, "stem_bn")(x))
+        x = nn.relu(_bn(train, self.dtype, "stem_bn")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         maps = []
         for st in range(4):
@@ -225,7 +226,6 @@ class ResNet18(nn.Module):
                     stride=stride if i == 0 else 1,
                     projection=i == 0 and (stride != 1 or x.shape[-1] != planes),
                     relu_out=i == 0,
-                    axis_name=self.axis_name,
                     dtype=self.dtype,
                     name=f"stage{st + 1}_block{i}",
                 )(x, train)
