@@ -64,6 +64,9 @@ def get_config(arg: str = ""):
     c = base_config()
     c.dataset.name = "cifar100"
     c.dataset.pipeline = "device"  # uint8 training set on the devices, augmented in the jitted step
+    # PODNet's CIFAR100 normalisation constants (inclearn/lib/data/datasets.py::iCIFAR100).
+    c.dataset.mean = [0.5071, 0.4867, 0.4408]
+    c.dataset.std = [0.2675, 0.2565, 0.2761]
     c.scenario.initial_increment = BASE_CLASSES
     c.scenario.increment = (100 - BASE_CLASSES) // int(a["steps"])
     c.scenario.class_order = _ORDERS[a["order"]]

@@ -63,6 +63,8 @@ def get_config(arg: str = ""):
     c.dataset.pipeline = "host"  # JPEG decoding + augmentation on the host, prefetched to devices
     c.dataset.image_size = 224
     c.dataset.test_resize = 256
+    c.dataset.mean = [0.485, 0.456, 0.406]  # PODNet's (torchvision's) ImageNet normalisation
+    c.dataset.std = [0.229, 0.224, 0.225]
     c.scenario.initial_increment = BASE_CLASSES
     c.scenario.increment = (NUM_CLASSES - BASE_CLASSES) // int(a["steps"])
     # The subset as an explicit list of imagenet2012 label ids (0..99) in PODNet's order.

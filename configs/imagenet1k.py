@@ -61,6 +61,8 @@ def get_config(arg: str = ""):
     c.dataset.pipeline = "host"  # JPEG decoding + augmentation on the host, prefetched to devices
     c.dataset.image_size = 224
     c.dataset.test_resize = 256
+    c.dataset.mean = [0.485, 0.456, 0.406]  # PODNet's (torchvision's) ImageNet normalisation
+    c.dataset.std = [0.229, 0.224, 0.225]
     # [ours] Two pairs of classes share their first WordNet lemma; one prompt for two labels would
     # make label noise, so these four get distinct readable names (override more the same way).
     c.dataset.class_names = ["134=crane bird", "517=construction crane", "638=leotard",

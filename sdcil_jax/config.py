@@ -24,6 +24,8 @@ _EXTRA_TYPES: dict[str, tuple[type, ...]] = {
     "scenario.class_order": (str, list, tuple),
     "generation.prompt_templates": (list, tuple),
     "dataset.class_names": (list, tuple),
+    "dataset.mean": (list, tuple),
+    "dataset.std": (list, tuple),
 }
 
 # Keys restricted to a set of values.
@@ -55,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
         prefetch=2,  # host pipeline batches prefetched to the devices
         image_size=224,  # host pipeline: random-resized crop size (train) / centre crop (test)
         test_resize=256,  # host pipeline: shorter side before the centre crop at test time
+        # Per-channel normalisation of [0, 1] pixels; [] = computed from the training images
+        # (device pipeline) or ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) (host).
+        mean=[],
+        std=[],
     )
     c.scenario = dict(
         initial_increment=50,
@@ -210,6 +216,13 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
         if c[section][name] < 0:
             raise ConfigError(f"Config key {key} must be >= 0, got {c[section][name]!r}; set it to "
                               "0 or more.")
+    mean, std = list(c.dataset.mean), list(c.dataset.std)
+    if len(mean) != len(std) or any(not isinstance(v, (int, float)) for v in mean + std) or any(
+            v <= 0 for v in std):
+        raise ConfigError(
+            f"dataset.mean={mean!r} and dataset.std={std!r} must be lists of the same length (one "
+            "number per channel, std > 0), or both empty to compute them from the training images."
+        )
     for item in c.dataset.class_names:
         head, sep, _ = str(item).partition("=")
         if not sep or not head.strip().isdigit():

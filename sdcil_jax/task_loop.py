@@ -49,15 +49,17 @@ class TaskLoop:
         self.test_y = sc.relabel(ds.test_labels).astype(np.int32)
         if self.host:
             self.train_x = None
-            self.mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-            self.std = jnp.asarray(IMAGENET_STD, jnp.float32)
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
             model_shape = ds.model_shape
         else:
             self.train_x = ds.train_images[exp.train_idx]
             flat = self.train_x.reshape(-1, self.train_x.shape[-1])
-            self.mean = jnp.asarray(flat.mean(0) / 255.0, jnp.float32)
-            self.std = jnp.asarray(flat.std(0) / 255.0 + 1e-6, jnp.float32)
+            mean, std = flat.mean(0) / 255.0, flat.std(0) / 255.0 + 1e-6
             model_shape = ds.image_shape
+        if cfg.dataset.mean:
+            mean, std = cfg.dataset.mean, cfg.dataset.std
+        self.mean = jnp.asarray(mean, jnp.float32)
+        self.std = jnp.asarray(std, jnp.float32)
         self.backbone = build_backbone(cfg.model)
         self.base_key = jax.random.PRNGKey(cfg.seed)
         dummy = jnp.zeros((1,) + tuple(model_shape), jnp.float32)

@@ -110,6 +110,9 @@ def test_podnet_protocol_defaults(name):
         assert (c.dataset.image_size, c.dataset.test_resize) == (224, 256)
         assert c.model.stem == "podnet"  # official 3x3/1 conv + max-pool stem
     assert c.train.schedule == "cosine_epoch"  # PODNet's per-epoch CosineAnnealingLR
+    official_norm = {"cifar100": ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]),
+                     "imagenet2012": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+    assert (list(c.dataset.mean), list(c.dataset.std)) == official_norm[p["dataset"]]
 
 
 def test_cifar100_default_steps_and_order():
