@@ -35,147 +35,45 @@ Compatibility: :meth:`Checkpointer.check_compatible` compares the stored fingerp
 current ones and raises :class:`CheckpointMismatchError` naming the differing keys;
 :meth:`Checkpointer.restart` moves the old checkpoints to ``<directory>.old-<time>`` instead.
 
-Fingerprint fields (:func:`fingerprint_fields`) are every config key except those in
-:data:`NON_RESULT_KEYS`, which cannot change any metric: where checkpoints, data and the replay
-store live on disk, how often checkpoints are written, the host pipeline's thread and prefetch
-counts (its batches do not depend on them, see :mod:`sdcil_jax.data.host_pipeline`) and the number
-of preview images. Keys that can change results even slightly are kept in: for example
-``train.eval_batch_size`` changes the shapes XLA compiles for inference, so features (and hence the
-herding choice of exemplars) may differ in the last bits. The library version is stored in ``meta``
-for information but is not compared.
+Fingerprint fields (:func:`sdcil_jax.fingerprint.config_fields`) are every config key except
+those in :data:`sdcil_jax.fingerprint.NON_RESULT_KEYS`, which cannot change any metric, plus derived
+values (resolved class order, image shape...). Keys that can change results even slightly are kept
+in: for example ``train.eval_batch_size`` changes the shapes XLA compiles for inference, so features
+(and hence the herding choice of exemplars) may differ in the last bits. The library version is
+stored in ``meta`` for information but is not compared.
+
+Helpers for digests, file lists and fitting restored trees live in
+:mod:`sdcil_jax.checkpoint_files`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from sdcil_jax import __version__
-from sdcil_jax.errors import UserError
+from sdcil_jax import checkpoint_files as files
+from sdcil_jax.checkpoint_files import (
+    FILE_LIST,
+    ITEMS,
+    CheckpointError,
+    CheckpointMismatchError,
+)
+from sdcil_jax.fingerprint import canonical, diff_fields, fingerprint_of
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-ITEMS = ("state", "old", "memory", "progress", "metrics", "meta")
 _JSON_ITEMS = ("memory", "progress", "metrics")
-FILE_LIST = "sdcil_files.json"
 
-# Config keys (or sections) that cannot change results; excluded from the fingerprint.
-NON_RESULT_KEYS: tuple[str, ...] = (
-    "checkpoint",
-    "dataset.data_dir",
-    "dataset.workers",
-    "dataset.prefetch",
-    "generation.store_dir",
-    "generation.preview_per_class",
-)
-
-
-class CheckpointError(UserError):
-    """The checkpoint folder cannot be used."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoints in the folder belong to another config, model or format version."""
-
-
-# ---- fingerprint fields ----------------------------------------------------------------------
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types: numpy scalars and arrays, tuples and sets become Python values and lists."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted(_jsonable(v) for v in obj)
-    if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
-        return np.asarray(obj).tolist()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"{type(obj).__name__} value {obj!r} cannot be stored as JSON in a checkpoint")
-
-
-def _canonical(obj: Any) -> Any:
-    return json.loads(_dumps(obj))
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"))
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
-def _matches(key: str, patterns: Sequence[str]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in patterns)
-
-
-def fingerprint_fields(config: Any, extra: Mapping[str, Any] | None = None,
-                       ignore: Sequence[str] = ()) -> dict[str, Any]:
-    """Flatten ``config`` (a ConfigDict or nested dict) to ``{'a.b': value}`` plus ``extra``.
-
-    Keys in :data:`NON_RESULT_KEYS` and ``ignore`` (a key or a section name) are left out. ``extra``
-    holds values derived from the config that also decide results (the resolved class order, the
-    dataset's number of classes...); nested dicts in it are flattened the same way and its keys
-    must not repeat config keys. Values come back as plain JSON types (tuples become lists).
-    """
-    tree = config.to_dict() if hasattr(config, "to_dict") else config
-    skip = tuple(NON_RESULT_KEYS) + tuple(ignore)
-    fields = {k: v for k, v in _flatten(tree).items() if not _matches(k, skip)}
-    for key, value in _flatten(extra or {}).items():
-        if key in fields:
-            raise ValueError(f"fingerprint extra key {key!r} repeats a config key")
-        fields[key] = value
-    return _canonical(fields)
-
-
-def fingerprint_of(fields: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of the fields."""
-    return hashlib.sha256(_dumps(fields).encode("utf-8")).hexdigest()
-
-
-def _short(value: Any, width: int = 40) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-_ABSENT = object()
-
-
-def diff_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``['train.lr (0.1 -> 0.05)', 'seed (0 -> 1)', ...]`` for every key whose value differs."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-        if a is _ABSENT or b is _ABSENT or a != b:
-            left = "absent" if a is _ABSENT else _short(a)
-            right = "absent" if b is _ABSENT else _short(b)
-            out.append(f"{key} ({left} -> {right})")
-    return out
-
-
-# ---- save timer ------------------------------------------------------------------------------
+__all__ = ["FILE_LIST", "CheckpointError", "CheckpointMismatchError", "Checkpointer", "Restored", "SaveTimer"]
 
 
 class SaveTimer:
@@ -204,118 +102,6 @@ class SaveTimer:
             self.reset(step)
             return True
         return False
-
-
-# ---- pytree helpers --------------------------------------------------------------------------
-
-
-def _key_str(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _flat(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(tuple(_key_str(k) for k in path), leaf) for path, leaf in leaves]
-
-
-def _to_host(tree: Any) -> Any:
-    """Copy every leaf to a host numpy array (orbax then stores no device sharding)."""
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
-def _tree_digest(tree: Any) -> str:
-    """blake2b of every leaf's path, dtype, shape and bytes, in path order (layout-independent)."""
-    digest = hashlib.blake2b(digest_size=20)
-    for path, leaf in sorted(_flat(tree), key=lambda item: item[0]):
-        arr = np.asarray(leaf)
-        digest.update(json.dumps([list(path), arr.dtype.str, list(arr.shape)]).encode("utf-8"))
-        if arr.size:
-            digest.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-    return digest.hexdigest()
-
-
-def _json_digest(obj: Any) -> str:
-    return hashlib.blake2b(_dumps(obj).encode("utf-8"), digest_size=20).hexdigest()
-
-
-def _file_digest(path: str) -> str:
-    digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _list_files(folder: str) -> list[str]:
-    """Every file of the items (orbax's own step metadata files are left out)."""
-    out = []
-    for item in ITEMS:
-        for root, _, names in os.walk(os.path.join(folder, item)):
-            out.extend(os.path.relpath(os.path.join(root, name), folder) for name in names)
-    return sorted(out)
-
-
-def _write_file_list(folder: str) -> None:
-    """Write ``folder/sdcil_files.json`` (size and digest of every file) atomically."""
-    files = {rel: [os.path.getsize(os.path.join(folder, rel)), _file_digest(os.path.join(folder, rel))]
-             for rel in _list_files(folder)}
-    tmp = os.path.join(folder, "." + FILE_LIST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(files, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, FILE_LIST))
-
-
-def _check_file_list(folder: str) -> None:
-    """Raise ValueError if a file listed in ``sdcil_files.json`` is missing or changed."""
-    path = os.path.join(folder, FILE_LIST)
-    if not os.path.exists(path):
-        return  # killed between the save and the list: the item checksums still apply
-    with open(path, encoding="utf-8") as f:
-        files = json.load(f)
-    for rel, (size, digest) in sorted(files.items()):
-        full = os.path.join(folder, rel)
-        if not os.path.isfile(full):
-            raise ValueError(f"file {rel} is missing")
-        if os.path.getsize(full) != size or _file_digest(full) != digest:
-            raise ValueError(f"file {rel} does not match its checksum")
-
-
-def _describe(shape: tuple[int, ...], dtype: Any) -> str:
-    return f"{np.dtype(dtype).name}{list(shape)}"
-
-
-def _memory_to_json(memory: Mapping[int, Any]) -> dict[str, Any]:
-    arrays = {int(c): np.asarray(v) for c, v in memory.items()}
-    dtype = np.result_type(*arrays.values()) if arrays else np.dtype(np.int64)
-    return {"dtype": np.dtype(dtype).str,
-            "classes": {str(c): arrays[c].tolist() for c in sorted(arrays)}}
-
-
-def _memory_from_json(obj: Mapping[str, Any]) -> dict[int, np.ndarray]:
-    dtype = np.dtype(obj["dtype"])
-    classes = obj["classes"]
-    return {int(c): np.asarray(classes[c], dtype=dtype) for c in sorted(classes, key=int)}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
-
-
-def _stamp() -> str:
-    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def _free_path(path: str) -> str:
-    candidate, n = path, 1
-    while os.path.exists(candidate):
-        candidate, n = f"{path}-{n}", n + 1
-    return candidate
 
 
 # ---- checkpointer ----------------------------------------------------------------------------
@@ -355,7 +141,7 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.keep = int(keep)
-        self.fields = _canonical(dict(fingerprint_fields))
+        self.fields = canonical(dict(fingerprint_fields))
         self.fingerprint = fingerprint_of(self.fields)
         self.last_save_seconds: float | None = None
         self._manager = self._open()
@@ -409,14 +195,14 @@ class Checkpointer:
         if steps and step_id <= steps[-1] and not replace:
             raise ValueError(f"checkpoint id {step_id} is not larger than the latest id {steps[-1]} "
                              f"in {self.directory}; use an increasing save counter")
-        host_state = _to_host(state)
-        host_old = None if old is None else _to_host(old)
-        json_items = {"memory": _memory_to_json(memory), "progress": _canonical(progress),
-                      "metrics": _canonical(metrics)}
-        checksums = {name: _json_digest(value) for name, value in json_items.items()}
-        checksums["state"] = _tree_digest(host_state)
+        host_state = files.to_host(state)
+        host_old = None if old is None else files.to_host(old)
+        json_items = {"memory": files.memory_to_json(memory), "progress": canonical(progress),
+                      "metrics": canonical(metrics)}
+        checksums = {name: files.json_digest(value) for name, value in json_items.items()}
+        checksums["state"] = files.tree_digest(host_state)
         if host_old is not None:
-            checksums["old"] = _tree_digest(host_old)
+            checksums["old"] = files.tree_digest(host_old)
         meta = {"format_version": FORMAT_VERSION, "library_version": __version__,
                 "fingerprint": self.fingerprint, "fields": self.fields,
                 "has_old": host_old is not None, "saved_at": time.time(), "checksums": checksums}
@@ -432,7 +218,7 @@ class Checkpointer:
         if not saved:
             raise RuntimeError(f"orbax skipped checkpoint {step_id} in {self.directory}")
         folder = os.path.join(self.directory, str(step_id))
-        _write_file_list(folder)
+        files.write_file_list(folder)
         self.last_save_seconds = time.perf_counter() - start
         return folder
 
@@ -458,7 +244,7 @@ class Checkpointer:
             except Exception as exc:  # anything unreadable: fall back to the previous checkpoint
                 moved = self._quarantine(step)
                 log.warning("Checkpoint %d in %s is unreadable (%s); moved it to %s and trying "
-                            "the previous one.", step, self.directory, _one_line(exc), moved)
+                            "the previous one.", step, self.directory, files.one_line(exc), moved)
                 bad.append(step)
                 continue
             restored = self._fit(step, raw, state_template, old_template)
@@ -473,7 +259,7 @@ class Checkpointer:
 
     def _read(self, step: int) -> dict[str, Any]:
         """Every item of checkpoint ``step``, verified against its file list and meta checksums."""
-        _check_file_list(os.path.join(self.directory, str(step)))
+        files.check_file_list(os.path.join(self.directory, str(step)))
         names = (*_JSON_ITEMS, "meta")
         items = self._manager.restore(
             step, args=ocp.args.Composite(**{n: ocp.args.JsonRestore() for n in names}))
@@ -488,7 +274,7 @@ class Checkpointer:
         sums = meta["checksums"]
         out = {"meta": meta}
         for name in _JSON_ITEMS:
-            if _json_digest(items[name]) != sums[name]:
+            if files.json_digest(items[name]) != sums[name]:
                 raise ValueError(f"item {name!r} does not match its checksum")
             out[name] = items[name]
         trees = {"state": ocp.args.StandardRestore()}
@@ -496,11 +282,11 @@ class Checkpointer:
             trees["old"] = ocp.args.StandardRestore()
         arrays = self._manager.restore(step, args=ocp.args.Composite(**trees))
         for name in trees:
-            if _tree_digest(arrays[name]) != sums[name]:
+            if files.tree_digest(arrays[name]) != sums[name]:
                 raise ValueError(f"item {name!r} does not match its checksum")
             out[name] = arrays[name]
         out["old"] = out.get("old")
-        out["memory"] = _memory_from_json(out["memory"])
+        out["memory"] = files.memory_from_json(out["memory"])
         return out
 
     def _fit(self, step: int, raw: dict[str, Any], state_template: Template,
@@ -509,20 +295,20 @@ class Checkpointer:
         where = f"Checkpoint {step} in {self.directory}"
         if callable(state_template):
             state_template = state_template(progress)
-        state = raw["state"] if state_template is None else _fit_tree(
+        state = raw["state"] if state_template is None else files.fit_tree(
             raw["state"], state_template, where, "state")
         old = raw["old"]
         if old is not None and old_template is not None:
             if callable(old_template):
                 old_template = old_template(progress)
-            old = _fit_tree(old, old_template, where, "old")
+            old = files.fit_tree(old, old_template, where, "old")
         return Restored(step_id=step, state=state, old=old, memory=raw["memory"],
                         progress=progress, metrics=raw["metrics"], meta=raw["meta"])
 
     def _quarantine(self, step: int) -> str:
         """Move checkpoint ``step`` to ``<directory>.corrupt/<step>-<time>``; return where."""
         source = os.path.join(self.directory, str(step))
-        target = _free_path(os.path.join(f"{self.directory}.corrupt", f"{step}-{_stamp()}"))
+        target = files.free_path(os.path.join(f"{self.directory}.corrupt", f"{step}-{files.stamp()}"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.rename(source, target)
         self._manager.reload()
@@ -543,7 +329,7 @@ class Checkpointer:
 
     def check_compatible(self, fingerprint_fields: Mapping[str, Any] | None = None) -> None:
         """Raise :class:`CheckpointMismatchError` if the stored checkpoints have other fields."""
-        fields = self.fields if fingerprint_fields is None else _canonical(dict(fingerprint_fields))
+        fields = self.fields if fingerprint_fields is None else canonical(dict(fingerprint_fields))
         meta = self.stored_meta()
         if meta is None:
             return
@@ -568,38 +354,9 @@ class Checkpointer:
         self._manager.close()
         moved = None
         if os.path.isdir(self.directory) and os.listdir(self.directory):
-            moved = _free_path(f"{self.directory}.old-{_stamp()}")
+            moved = files.free_path(f"{self.directory}.old-{files.stamp()}")
             os.rename(self.directory, moved)
             log.warning("Moved the previous checkpoints of %s to %s (restart).", self.directory,
                         moved)
         self._manager = self._open()
         return moved
-
-
-def _fit_tree(raw: Any, template: Any, where: str, item: str) -> Any:
-    """Put the restored leaves of ``raw`` into ``template``'s structure, checking shapes and dtypes."""
-    saved = dict(_flat(raw))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    paths = [tuple(_key_str(k) for k in path) for path, _ in leaves]
-    missing = [p for p in paths if p not in saved]
-    unexpected = sorted(set(saved) - set(paths))
-    if missing or unexpected:
-        parts = [f"{'.'.join(p)} missing" for p in missing[:3]]
-        parts += [f"{'.'.join(p)} unexpected" for p in unexpected[:3]]
-        raise CheckpointMismatchError(
-            f"{where} does not fit this run's {item} ({', '.join(parts)}); use another --workdir "
-            "or pass --restart to start over.")
-    out = []
-    for path, (_, leaf) in zip(paths, leaves, strict=True):
-        arr = np.asarray(saved[path])
-        if isinstance(leaf, (bool, int, float, complex)):
-            shape, dtype = (), np.asarray(leaf).dtype
-        else:
-            shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
-        if arr.shape != shape or arr.dtype != dtype:
-            raise CheckpointMismatchError(
-                f"{where} does not fit this run's {item} ({'.'.join(path)}: saved "
-                f"{_describe(arr.shape, arr.dtype)}, expected {_describe(shape, dtype)}); use "
-                "another --workdir or pass --restart to start over.")
-        out.append(arr.item() if isinstance(leaf, (bool, int, float, complex)) else arr)
-    return jax.tree_util.tree_unflatten(treedef, out)

@@ -28,18 +28,33 @@ _EXTRA_TYPES: dict[str, tuple[type, ...]] = {
     "dataset.std": (list, tuple),
 }
 
-# Keys restricted to a set of values.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "method.name": ("finetune", "joint", "replay", "icarl", "podnet"),
+# Keys restricted to a set of values that no registry owns.
+_FIXED_CHOICES: dict[str, tuple[str, ...]] = {
     "dataset.pipeline": ("auto", "device", "host"),
     "memory.selection": ("herding", "random"),
-    "synthetic.use_in": ("none", "distillation", "classification", "both"),
-    "generation.backend": ("sd", "tiny_sd", "real_holdout"),
     "generation.dtype": ("bfloat16", "float32", "float16"),
-    "model.name": ("resnet_digits", "resnet_tiny", "resnet32", "resnet18"),
     "model.stem": ("podnet", "torchvision"),
     "train.schedule": ("cosine_epoch", "cosine_step"),
 }
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every key restricted to a set of values; registry-backed keys take the registry's names.
+
+    ``method.name`` from :data:`sdcil_jax.methods.REGISTRY`, ``model.name`` from
+    :data:`sdcil_jax.models.BACKBONES`, ``generation.backend`` from the generation backends,
+    ``synthetic.use_in`` from the batch-stream masks (imported here, not at module load, so a
+    config file stays cheap to import).
+    """
+    from sdcil_jax.data.stream import USES
+    from sdcil_jax.generation.backends import BACKENDS
+    from sdcil_jax.methods import REGISTRY
+    from sdcil_jax.models import BACKBONES
+
+    out = dict(_FIXED_CHOICES)
+    out.update({"method.name": tuple(REGISTRY), "model.name": tuple(BACKBONES),
+                "generation.backend": tuple(BACKENDS), "synthetic.use_in": tuple(USES)})
+    return out
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -77,7 +92,6 @@ def base_config() -> ml_collections.ConfigDict:
         finetune_epochs=20,  # balanced finetuning of the classifier (t > 0); 0 disables
         finetune_lr=0.05,  # constant (no schedule), as the official finetuning
         grad_clip=5.0,  # element-wise gradient clamp to [-grad_clip, grad_clip]; 0 disables
-        kd_temperature=2.0,  # iCaRL-style KD temperature (used by methods with a 'kd' loss)
     )
     c.memory = dict(per_class=20, selection="herding")
     c.synthetic = dict(
@@ -178,15 +192,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"Config is missing key(s) {', '.join(missing)}; build configs from "
             "sdcil_jax.config.base_config() so every key has a default."
         )
+    restricted = choices()
     for key, value in given.items():
         if not _type_ok(key, value, schema[key]):
             raise ConfigError(
                 f"Config key {key} must be of type {type(schema[key]).__name__}, "
                 f"got {value!r} ({type(value).__name__}); fix the value in the config or override."
             )
-        if key in CHOICES and value not in CHOICES[key]:
+        if key in restricted and value not in restricted[key]:
             raise ConfigError(
-                f"Config key {key}={value!r} is not one of {', '.join(CHOICES[key])}; pick one of those."
+                f"Config key {key}={value!r} is not one of {', '.join(restricted[key])}; pick one "
+                "of those."
             )
     _check_ranges(config)
     return config
@@ -197,7 +213,7 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
         "train.epochs", "train.batch_size", "train.eval_batch_size", "generation.num_inference_steps",
         "generation.resolution", "generation.batch_per_device", "generation.per_class",
         "scenario.initial_increment", "scenario.increment", "model.width",
-        "method.proxies_per_class", "method.finetune_lr", "method.kd_temperature",
+        "method.proxies_per_class", "method.finetune_lr",
         "checkpoint.keep", "dataset.workers", "dataset.image_size", "dataset.test_resize",
     ]
     for key in positive:

@@ -93,3 +93,30 @@ def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int,
             m = (feats[sel].mean(axis=0) + flips[sel].mean(axis=0)) / 2.0
             means[c] = m / (np.linalg.norm(m) + NME_EPS)
     return means
+
+
+def evaluate_task(*, logits: np.ndarray, feats: np.ndarray, labels: np.ndarray, num_seen: int,
+                  task_bounds: Sequence[tuple[int, int]], num_old: int,
+                  memory_means: np.ndarray | None) -> dict:
+    """CNN and NME accuracies (%) on the test images of the seen classes after a task.
+
+    CNN: argmax over the seen classes' logits; NME: :func:`nme_predict` with the exemplar means
+    (None when the method keeps no memory). Keys: cnn_accuracy, task_accuracies (per task's
+    classes), old_accuracy (None in the first task), new_accuracy, nme_accuracy,
+    nme_task_accuracies.
+    """
+    pred = np.argmax(logits[:, :num_seen], axis=1)
+    old = labels < num_old
+    result = {
+        "cnn_accuracy": accuracy(pred, labels),
+        "task_accuracies": task_accuracies(pred, labels, task_bounds),
+        "old_accuracy": accuracy(pred[old], labels[old]) if num_old else None,
+        "new_accuracy": accuracy(pred[~old], labels[~old]),
+        "nme_accuracy": None,
+        "nme_task_accuracies": None,
+    }
+    if memory_means is not None:
+        nme = nme_predict(feats, memory_means[:num_seen])
+        result["nme_accuracy"] = accuracy(nme, labels)
+        result["nme_task_accuracies"] = task_accuracies(nme, labels, task_bounds)
+    return result

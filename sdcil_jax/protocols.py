@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from sdcil_jax.errors import ConfigError
+from sdcil_jax.generation.backends import BACKENDS
 
 SYNTHETIC_CHOICES = ("none", "distillation", "classification", "both")
-GENERATOR_CHOICES = ("sd", "tiny_sd", "real_holdout")
+GENERATOR_CHOICES = tuple(BACKENDS)
 MEMORY_CHOICES = ("real", "synthetic")
 COMMON_CHOICES: dict[str, Sequence[str]] = {
     "synthetic": SYNTHETIC_CHOICES,

@@ -78,8 +78,10 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def summarise(exp, per_task, acc_matrix, nme_matrix, *, wall_time_s: float, norm) -> dict:
+def summarise(exp, per_task, *, wall_time_s: float, norm) -> dict:
     """The results dict: summary metrics, per-task rows, config, class order and versions."""
+    acc_matrix = [r["task_accuracies"] for r in per_task]
+    nme_matrix = [r["nme_task_accuracies"] for r in per_task if r["nme_task_accuracies"] is not None]
     top1 = [r["cnn_accuracy"] for r in per_task]
     nme = [r["nme_accuracy"] for r in per_task]
     has_nme = all(v is not None for v in nme) and nme

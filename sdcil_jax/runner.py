@@ -7,7 +7,6 @@ update memory -> results.json, metrics.jsonl, plots, printed table.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -15,14 +14,18 @@ import jax
 import numpy as np
 
 from sdcil_jax import config as config_lib
+from sdcil_jax import reporting
+from sdcil_jax.checkpoint import SaveTimer
 from sdcil_jax.data import (
     Dataset,
     apply_class_name_overrides,
     build_scenario,
     holdout_split,
     load_dataset,
+    resolve_pipeline,
 )
 from sdcil_jax.errors import ConfigError, UserError
+from sdcil_jax.fingerprint import config_fields
 from sdcil_jax.methods import method_class
 from sdcil_jax.preemption import PreemptionGuard
 
@@ -40,6 +43,7 @@ class Experiment:
     train_idx: np.ndarray  # real training images usable for training (holdout removed)
     holdout_idx: np.ndarray
     store_dir: str
+    store: Any = None  # the opened replay store, once generated (None without synthetic data)
 
     @property
     def uses_synthetic(self) -> bool:
@@ -55,17 +59,6 @@ class Experiment:
         last = self.scenario.num_tasks if self.config.synthetic.diagnostic_per_class else (
             self.scenario.num_tasks - 1)
         return [c for t in range(last) for c in self.scenario.task_classes(t)]
-
-
-def resolve_pipeline(config) -> str:
-    """'device' (uint8 pool on the accelerators) or 'host' (decode + augment on CPU threads).
-
-    'auto' picks 'host' for imagenet2012 (variable-size JPEGs that do not fit in memory).
-    """
-    choice = config.dataset.pipeline
-    if choice == "auto":
-        return "host" if config.dataset.name.strip().lower().startswith("imagenet2012") else "device"
-    return choice
 
 
 def check_workdir(workdir: str) -> None:
@@ -94,23 +87,19 @@ def prepare_experiment(config, workdir: str) -> Experiment:
             raise ConfigError(f"{key}={value} must be a multiple of the {n_dev} devices; use a "
                               f"multiple of {n_dev}, e.g. {max(n_dev, value // n_dev * n_dev)}.")
     check_workdir(workdir)
-    if resolve_pipeline(config) == "host":
-        from sdcil_jax.data.lazy import load_lazy_dataset
-
-        dataset = load_lazy_dataset(config.dataset.name, config.dataset.data_dir,
-                                    image_size=config.dataset.image_size,
-                                    test_resize=config.dataset.test_resize)
-    else:
-        dataset = load_dataset(config.dataset.name, config.dataset.data_dir)
+    dataset = load_dataset(config.dataset.name, config.dataset.data_dir,
+                           pipeline=resolve_pipeline(config.dataset),
+                           image_size=config.dataset.image_size,
+                           test_resize=config.dataset.test_resize)
     if config.dataset.class_names:
         dataset.class_names = apply_class_name_overrides(dataset.class_names,
                                                          list(config.dataset.class_names))
     scenario = build_scenario(config, dataset.num_classes)
     if config.dataset.holdout_per_class > 0:
-        train_idx, holdout_idx = holdout_split(dataset.train_labels, config.dataset.holdout_per_class,
-                                               config.seed)
+        train_idx, holdout_idx = holdout_split(dataset.train.labels,
+                                               config.dataset.holdout_per_class, config.seed)
     else:
-        train_idx = np.arange(len(dataset.train_labels))
+        train_idx = np.arange(len(dataset.train.labels))
         holdout_idx = np.zeros((0,), np.int64)
     store_dir = config.generation.store_dir or os.path.join(workdir, "replay_store")
     return Experiment(config, workdir, dataset, scenario, np.asarray(train_idx),
@@ -122,17 +111,10 @@ def generate(exp: Experiment, progress: bool = True):
     from sdcil_jax.generation import generate_replay_pool
 
     ds = exp.dataset
-    holdout_labels = ds.train_labels[exp.holdout_idx]
+    holdout_labels = ds.train.labels[exp.holdout_idx]
 
     def real_images_fn(class_id: int) -> np.ndarray:
-        rows = exp.holdout_idx[holdout_labels == class_id]
-        if hasattr(ds, "train_source"):  # host pipeline: decode, resize + centre crop
-            from sdcil_jax.data.host_pipeline import eval_transform
-
-            side = ds.image_shape[0]
-            return np.stack([eval_transform(ds.train_source[int(r)]["image"], image_size=side,
-                                            resize=side) for r in rows])
-        return ds.train_images[rows]
+        return ds.read_train_images(exp.holdout_idx[holdout_labels == class_id])
 
     return generate_replay_pool(
         exp.config.generation, seed=exp.config.seed, class_ids=exp.generated_classes(),
@@ -152,8 +134,8 @@ def _holdout_fields(exp: Experiment) -> dict[str, Any] | None:
 def open_complete_store(exp: Experiment):
     """Open the store for ``--mode train``; every needed class must be complete."""
     from sdcil_jax.errors import GenerationError
+    from sdcil_jax.fingerprint import canonical
     from sdcil_jax.generation import ReplayStore, fingerprint_fields, fingerprint_of
-    from sdcil_jax.generation.store import _canonical
 
     if not os.path.exists(os.path.join(exp.store_dir, "manifest.json")):
         raise GenerationError(f"No replay store in {exp.store_dir}; run with --mode generate (or "
@@ -163,7 +145,7 @@ def open_complete_store(exp: Experiment):
         exp.config.generation, seed=exp.config.seed, class_names=exp.dataset.class_names,
         image_shape=exp.dataset.image_shape, extra=_holdout_fields(exp))
     if store.fingerprint != fingerprint_of(fields):
-        old, new = store.fields, json.loads(json.dumps(_canonical(fields)))
+        old, new = store.fields, canonical(fields)
         differing = [f"generation.{k}" if k in exp.config.generation else k
                      for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         raise GenerationError(f"Replay store {exp.store_dir} was generated with different settings "
@@ -209,24 +191,55 @@ def run(config, workdir: str, mode: str = "all", progress: bool = True,
                     "classes": exp.generated_classes()}
         if exp.uses_synthetic and store is None:
             store = open_complete_store(exp)
-        from sdcil_jax.task_loop import TaskLoop
-
+        exp.store = store
         try:
-            return TaskLoop(exp, store, progress, checkpointer, guard).run()
+            return train(exp, checkpointer, guard, progress)
         finally:
             checkpointer.close()
 
 
+def train(exp: Experiment, checkpointer, guard: PreemptionGuard, progress: bool = True
+          ) -> dict[str, Any]:
+    """Every task of the scenario, resumed from the newest checkpoint; returns the results."""
+    from sdcil_jax.run_state import Saver
+    from sdcil_jax.task import TaskRunner
+
+    cfg = exp.config
+    saver = Saver(checkpointer, reporting.MetricsLogger(exp.workdir), guard,
+                  SaveTimer(cfg.checkpoint.every_minutes, cfg.checkpoint.every_steps))
+    runner = TaskRunner(exp, saver, progress)
+    restored = saver.restore(runner.state_template, runner.mesh)
+    first, resume = 0, None
+    if restored is None:
+        state = runner.initial_state()
+    else:
+        state, position, train_state = restored
+        first = position.task + 1 if position.phase == "task_done" else position.task
+        resume = None if position.phase == "task_done" else (position, train_state)
+    guard.deferred = True  # from now on a signal is handled after the current step
+    try:
+        for t in range(first, exp.scenario.num_tasks):
+            state = runner.run_task(state, t, resume)
+            resume = None
+    finally:
+        guard.deferred = False
+    results = reporting.summarise(exp, state.results, wall_time_s=saver.wall_time(),
+                                  norm=(runner.mean.tolist(), runner.std.tolist()))
+    reporting.write_results(exp.workdir, results)
+    reporting.print_table(results)
+    return results
+
+
 def open_checkpointer(exp: Experiment, restart: bool):
     """The run's checkpoints, refused if they were made with a config that changes results."""
-    from sdcil_jax.checkpoint import Checkpointer, fingerprint_fields
+    from sdcil_jax.checkpoint import Checkpointer
 
     extra = {"scenario.resolved_class_order": [int(c) for c in exp.scenario.class_order],
              "scenario.num_tasks_resolved": exp.scenario.num_tasks,
              "dataset.image_shape": list(exp.dataset.image_shape),
              "runtime.device_count": jax.device_count()}
     ckpt = Checkpointer(os.path.join(exp.workdir, "checkpoints"), keep=exp.config.checkpoint.keep,
-                        fingerprint_fields=fingerprint_fields(exp.config, extra=extra))
+                        fingerprint_fields=config_fields(exp.config, extra=extra))
     if restart:
         moved = ckpt.restart()
         if moved:
@@ -239,5 +252,3 @@ def open_checkpointer(exp: Experiment, restart: bool):
     else:
         ckpt.check_compatible()
     return ckpt
-
-

@@ -1,20 +1,16 @@
-"""The functional training step: ``(state, batch indices, key) -> (state, metrics)``.
+"""The functional training step: ``(state, old model, pool, batch, key) -> (state, metrics)``.
 
-The whole (small) training pool of a task lives on the devices as uint8 (``pool_x``, replicated) with
-its incremental labels (``pool_y``). A step receives the global batch of *real* indices (sharded over
-the ``data`` mesh axis) and, when synthetic data is on, draws the *synthetic* batch uniformly from the
-pool's synthetic range ``[synth_lo, synth_hi)`` inside the step, so no image crosses the host boundary
-during training. Both batches go through one forward pass with per-sample masks:
-
-* ``cls_mask``: the sample feeds the classification loss;
-* ``dist_mask``: the sample feeds the distillation losses.
-
-The method (``sdcil_jax.methods``) supplies the head and the loss; this module is method-agnostic.
+One step for every dataset size: the batch stream (:mod:`sdcil_jax.data.stream`) turns its batch into
+images, labels and per-sample masks inside the jitted step (``cls_mask``: the sample feeds the
+classification loss; ``dist_mask``: the distillation losses), the images are normalised, and
+:func:`update` runs the forward passes (frozen old model, current model), the method's loss, gradient
+and update transforms and the optimizer. Balanced finetuning has its own step
+(:func:`finetune_update`). The method (``sdcil_jax.methods``) supplies the head and the loss; this
+module is method-agnostic.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +19,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-
-from sdcil_jax import augment as aug_lib
 
 
 @struct.dataclass
@@ -35,19 +29,6 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """Static (compile-time) settings of a task's step."""
-
-    real_batch: int
-    synth_batch: int  # 0 = no synthetic stream
-    synth_in_cls: bool
-    synth_in_dist: bool
-    crop_padding: int
-    flip: bool
-    brightness: float
 
 
 def lr_schedule(lr: float, kind: str, total_steps: int, steps_per_epoch: int = 1):
@@ -150,71 +131,6 @@ def update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mas
     return new_state, dict(metrics, loss=loss)
 
 
-def _masks(cfg: StepConfig, n_real: int):
-    cls_mask = jnp.ones((n_real,), jnp.float32)
-    dist_mask = jnp.ones((n_real,), jnp.float32)
-    if cfg.synth_batch > 0:
-        cls_mask = jnp.concatenate(
-            [cls_mask, jnp.full((cfg.synth_batch,), float(cfg.synth_in_cls), jnp.float32)])
-        dist_mask = jnp.concatenate(
-            [dist_mask, jnp.full((cfg.synth_batch,), float(cfg.synth_in_dist), jnp.float32)])
-    return cls_mask, dist_mask
-
-
-def make_train_step(backbone, method, tx: optax.GradientTransformation, cfg: StepConfig,
-                    mean: jax.Array, std: jax.Array, data_sharding=None):
-    """Build the pure step for one task (device pipeline); jit it with the state donated.
-
-    Returned signature::
-
-        step(state, old_vars, pool_x, pool_y, real_idx, synth_lo, synth_hi, task_key)
-          -> (state, metrics)
-
-    ``old_vars`` is the frozen previous model ({'params', 'batch_stats'}) or None.
-    """
-
-    def step(state: TrainState, old_vars, pool_x, pool_y, real_idx, synth_lo, synth_hi, task_key):
-        key = jax.random.fold_in(task_key, state.step)
-        k_aug, k_syn = jax.random.split(key)
-        x = pool_x[real_idx]
-        y = pool_y[real_idx]
-        if cfg.synth_batch > 0:
-            s_idx = jax.random.randint(k_syn, (cfg.synth_batch,), synth_lo, synth_hi)
-            x = jnp.concatenate([x, pool_x[s_idx]])
-            y = jnp.concatenate([y, pool_y[s_idx]])
-        cls_mask, dist_mask = _masks(cfg, real_idx.shape[0])
-        if data_sharding is not None:
-            x = jax.lax.with_sharding_constraint(x, data_sharding)
-        images = aug_lib.augment(x.astype(jnp.float32) / 255.0, k_aug, crop_padding=cfg.crop_padding,
-                                 flip=cfg.flip, brightness=cfg.brightness)
-        images = (images - mean) / std
-        return update(backbone, method, tx, state, old_vars, images, y, cls_mask, dist_mask)
-
-    return step
-
-
-def make_host_train_step(backbone, method, tx: optax.GradientTransformation, cfg: StepConfig,
-                         mean: jax.Array, std: jax.Array, data_sharding=None):
-    """The step for the host pipeline: batches arrive decoded and augmented (uint8, sharded).
-
-    Signature: ``step(state, old_vars, x_real, y_real, x_synth, y_synth) -> (state, metrics)``;
-    ``x_synth``/``y_synth`` are ignored when ``cfg.synth_batch == 0``.
-    """
-
-    def step(state: TrainState, old_vars, x_real, y_real, x_synth, y_synth):
-        x, y = x_real, y_real
-        if cfg.synth_batch > 0:
-            x = jnp.concatenate([x, x_synth])
-            y = jnp.concatenate([y, y_synth])
-        if data_sharding is not None:
-            x = jax.lax.with_sharding_constraint(x, data_sharding)
-        cls_mask, dist_mask = _masks(cfg, x_real.shape[0])
-        images = (x.astype(jnp.float32) / 255.0 - mean) / std
-        return update(backbone, method, tx, state, old_vars, images, y, cls_mask, dist_mask)
-
-    return step
-
-
 def finetune_update(backbone, method, tx, state: TrainState, images, y):
     """Balanced finetuning, as PODNet's official ``finetuning_config`` (tuning: classifier).
 
@@ -241,46 +157,43 @@ def finetune_update(backbone, method, tx, state: TrainState, images, y):
                          opt_state=opt_state), {"loss": loss}
 
 
-def make_finetune_step(backbone, method, tx: optax.GradientTransformation, cfg: StepConfig,
-                       mean: jax.Array, std: jax.Array, data_sharding=None):
-    """Classifier-only step (see :func:`finetune_update`): batch norm in train mode.
-
-    Same signature as :func:`make_train_step`; ``params['head']`` and ``batch_stats`` change. The
-    real batch is
-    the class-balanced finetuning set; there is no synthetic stream (synthetic images, when asked
-    for, are part of the balanced set) and no distillation.
-    """
-
-    def step(state: TrainState, old_vars, pool_x, pool_y, real_idx, synth_lo, synth_hi, task_key):
-        del old_vars, synth_lo, synth_hi
-        key = jax.random.fold_in(task_key, state.step)
-        x = pool_x[real_idx]
-        if data_sharding is not None:
-            x = jax.lax.with_sharding_constraint(x, data_sharding)
-        images = aug_lib.augment(x.astype(jnp.float32) / 255.0, key, crop_padding=cfg.crop_padding,
-                                 flip=cfg.flip, brightness=cfg.brightness)
-        return finetune_update(backbone, method, tx, state, (images - mean) / std,
-                                pool_y[real_idx])
-
-    return step
-
-
-def make_host_finetune_step(backbone, method, tx: optax.GradientTransformation, cfg: StepConfig,
-                            mean: jax.Array, std: jax.Array, data_sharding=None):
-    """:func:`make_finetune_step` for the host pipeline (signature of :func:`make_host_train_step`)."""
-
-    def step(state: TrainState, old_vars, x_real, y_real, x_synth, y_synth):
-        del old_vars, x_synth, y_synth
-        images = (x_real.astype(jnp.float32) / 255.0 - mean) / std
-        return finetune_update(backbone, method, tx, state, images, y_real)
-
-    return step
-
-
 def init_head_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
     """A TrainState whose optimizer covers the head only (balanced finetuning)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params["head"]))
+
+
+def make_train_step(backbone, method, tx: optax.GradientTransformation, stream, mean, std):
+    """The training step of one stage; jit it with the state donated.
+
+    ``step(state, old_vars, pool, batch, task_key) -> (state, metrics)``: the stream's
+    ``materialise`` turns ``batch`` (and the stream's device ``pool``) into images, labels and masks
+    with ``aug_key, synth_key = split(fold_in(task_key, state.step))``; the images are normalised
+    ``(x - mean) / std`` and :func:`update` takes one optimisation step. ``old_vars`` is the frozen
+    previous model ({'params', 'batch_stats'}) or None.
+    """
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+    def step(state: TrainState, old_vars, pool, batch, task_key):
+        aug_key, synth_key = jax.random.split(jax.random.fold_in(task_key, state.step))
+        b = stream.materialise(pool, batch, aug_key, synth_key)
+        return update(backbone, method, tx, state, old_vars, (b["image"] - mean) / std,
+                      b["label"], b["cls_mask"], b["dist_mask"])
+
+    return step
+
+
+def make_finetune_step(backbone, method, tx: optax.GradientTransformation, stream, mean, std):
+    """The balanced-finetuning step (see :func:`finetune_update`); same signature as the training
+    step (``old_vars`` unused), augmentation key ``fold_in(task_key, state.step)``."""
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+    def step(state: TrainState, old_vars, pool, batch, task_key):
+        del old_vars
+        b = stream.materialise(pool, batch, jax.random.fold_in(task_key, state.step), None)
+        return finetune_update(backbone, method, tx, state, (b["image"] - mean) / std, b["label"])
+
+    return step
 
 
 def make_eval_fn(backbone, head_apply: Callable, mean: jax.Array, std: jax.Array,

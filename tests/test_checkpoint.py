@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from sdcil_jax import checkpoint as ck
+from sdcil_jax import fingerprint as fp
 from sdcil_jax import parallel
 from sdcil_jax import train as train_lib
 from sdcil_jax.config import base_config
@@ -304,9 +305,9 @@ def test_fingerprint_mismatch_names_keys_and_restart_moves_aside(ckdir):
     assert ck.Checkpointer(ckdir, fingerprint_fields=changed).restore_latest(None).step_id == 1
 
 
-def test_fingerprint_fields_from_config():
+def test_config_fields_for_the_fingerprint():
     cfg = base_config()
-    fields = ck.fingerprint_fields(cfg, extra={"scenario": {"resolved_order": (3, 1, 2)},
+    fields = fp.config_fields(cfg, extra={"scenario": {"resolved_order": (3, 1, 2)},
                                                "num_classes": np.int64(10)})
     assert fields["train.lr"] == 0.1 and fields["seed"] == 0
     assert fields["scenario.resolved_order"] == [3, 1, 2] and fields["num_classes"] == 10
@@ -314,25 +315,25 @@ def test_fingerprint_fields_from_config():
     assert fields["train.eval_batch_size"] == 512  # may change the last bits of features: kept
     assert not any(k.startswith("checkpoint.") for k in fields)
     assert "dataset.data_dir" not in fields and "generation.store_dir" not in fields
-    assert "train.flip" not in ck.fingerprint_fields(cfg, ignore=["train.flip"])
-    assert "model.name" not in ck.fingerprint_fields(cfg, ignore=["model"])
+    assert "train.flip" not in fp.config_fields(cfg, ignore=["train.flip"])
+    assert "model.name" not in fp.config_fields(cfg, ignore=["model"])
     other = base_config()
     other.checkpoint.every_minutes = 1.0
     other.dataset.data_dir = "/elsewhere"
     other.dataset.workers = 3
-    assert ck.fingerprint_fields(other) == ck.fingerprint_fields(cfg)
+    assert fp.config_fields(other) == fp.config_fields(cfg)
     other.train.lr = 0.05
-    assert ck.diff_fields(ck.fingerprint_fields(cfg), ck.fingerprint_fields(other)) == [
+    assert fp.diff_fields(fp.config_fields(cfg), fp.config_fields(other)) == [
         "train.lr (0.1 -> 0.05)"]
     with pytest.raises(ValueError, match="repeats"):
-        ck.fingerprint_fields(cfg, extra={"seed": 1})
+        fp.config_fields(cfg, extra={"seed": 1})
 
 
 def test_diff_fields():
-    assert ck.diff_fields({"a": 1, "b": "x"}, {"a": 1, "b": "x"}) == []
-    assert ck.diff_fields({"a": 1, "b": "x"}, {"b": "y", "c": [1]}) == [
+    assert fp.diff_fields({"a": 1, "b": "x"}, {"a": 1, "b": "x"}) == []
+    assert fp.diff_fields({"a": 1, "b": "x"}, {"b": "y", "c": [1]}) == [
         'a (1 -> absent)', 'b ("x" -> "y")', "c (absent -> [1])"]
-    long = ck.diff_fields({"o": list(range(100))}, {"o": list(range(1, 101))})[0]
+    long = fp.diff_fields({"o": list(range(100))}, {"o": list(range(1, 101))})[0]
     assert len(long) < 100 and "..." in long
 
 

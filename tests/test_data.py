@@ -9,9 +9,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sdcil_jax.data import Dataset, holdout_split, load_dataset
-from sdcil_jax.data.datasets import dataset_num_classes, prepare_dataset, readable_class_names
 from sdcil_jax.data.digits import digits_arrays
+from sdcil_jax.data.prepare import prepare_dataset
 from sdcil_jax.data.resources import load_resource
+from sdcil_jax.data.tfds_io import dataset_num_classes, readable_class_names
 from sdcil_jax.errors import DataError
 
 
@@ -28,14 +29,14 @@ def digits(digits_dir) -> Dataset:
 def test_digits_prepares_offline_without_tensorflow(digits, digits_dir):
     assert "tensorflow" not in sys.modules or sys.modules["tensorflow"] is None
     assert list((pathlib.Path(digits_dir) / "sdcil_digits").iterdir())
-    assert len(digits.train_labels) + len(digits.test_labels) == 1797
-    assert (len(digits.train_labels), len(digits.test_labels)) == (1433, 364)
+    assert len(digits.train.labels) + len(digits.test.labels) == 1797
+    assert (len(digits.train.labels), len(digits.test.labels)) == (1433, 364)
     assert digits.num_classes == 10 and digits.image_shape == (8, 8, 1)
-    for images in (digits.train_images, digits.test_images):
+    for images in (digits.train.images, digits.test.images):
         assert images.dtype == np.uint8 and images.shape[1:] == (8, 8, 1)
-    assert digits.train_labels.dtype == np.int32
-    assert set(np.unique(digits.test_labels)) == set(range(10))
-    assert np.bincount(digits.test_labels).min() >= 35  # stratified: every 5th image of each class
+    assert digits.train.labels.dtype == np.int32
+    assert set(np.unique(digits.test.labels)) == set(range(10))
+    assert np.bincount(digits.test.labels).min() >= 35  # stratified: every 5th image of each class
     assert digits.class_names[3] == "handwritten digit 3"
 
 
@@ -46,29 +47,29 @@ def test_digits_images_equal_sklearn(digits):
     # Image 0 of scikit-learn (the first zero) is the first test image, the second zero the first
     # train image.
     np.testing.assert_array_equal(
-        digits.test_images[0, :, :, 0], np.round(raw.images[0] * 255 / 16).astype(np.uint8)
+        digits.test.images[0, :, :, 0], np.round(raw.images[0] * 255 / 16).astype(np.uint8)
     )
     np.testing.assert_array_equal(
-        digits.train_images[0, :, :, 0],
+        digits.train.images[0, :, :, 0],
         np.round(raw.images[np.flatnonzero(raw.target == 0)[1]] * 255 / 16).astype(np.uint8),
     )
     images, labels, is_test = digits_arrays()
-    np.testing.assert_array_equal(digits.train_images, images[~is_test])
-    np.testing.assert_array_equal(digits.test_labels, labels[is_test])
-    assert digits.train_images.max() == 255
+    np.testing.assert_array_equal(digits.train.images, images[~is_test])
+    np.testing.assert_array_equal(digits.test.labels, labels[is_test])
+    assert digits.train.images.max() == 255
 
 
 def test_digits_second_load_reuses_prepared_data(digits, digits_dir):
     again = load_dataset("digits", data_dir=digits_dir)
-    np.testing.assert_array_equal(again.train_images, digits.train_images)
+    np.testing.assert_array_equal(again.train.images, digits.train.images)
 
 
 def test_mock_cifar100(tmp_path):
     with tfds.testing.mock_data(num_examples=24):
         ds = load_dataset("cifar100", data_dir=str(tmp_path))
-    assert ds.train_images.shape == (24, 32, 32, 3) and ds.train_images.dtype == np.uint8
-    assert ds.test_images.shape == (24, 32, 32, 3)
-    assert ds.train_labels.max() < 100 and ds.train_labels.min() >= 0
+    assert ds.train.images.shape == (24, 32, 32, 3) and ds.train.images.dtype == np.uint8
+    assert ds.test.images.shape == (24, 32, 32, 3)
+    assert ds.train.labels.max() < 100 and ds.train.labels.min() >= 0
     assert ds.num_classes == 100 and ds.image_shape == (32, 32, 3)
     names = load_resource("cifar100_class_names.json")["names"]
     assert ds.class_names == [n.replace("_", " ") for n in names]

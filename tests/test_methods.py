@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdcil_jax import parallel
+from sdcil_jax import loop, parallel
 from sdcil_jax import train as train_lib
-from sdcil_jax import trainer as tr
 from sdcil_jax.config import base_config
+from sdcil_jax.data.pool import TaskPool
+from sdcil_jax.data.sources import ArraySource
+from sdcil_jax.data.stream import DeviceStream
 from sdcil_jax.methods import TaskInfo, get_method
 from sdcil_jax.models import build_backbone
 
@@ -37,20 +39,18 @@ def _epoch(method_name, synth_batch=8):
     cfg, backbone, method, old_vars, params, stats, pool_x, pool_y = _podnet_setup(method_name)
     mesh = parallel.make_mesh()
     tx = train_lib.make_optimizer(0.1, 0.9, 5e-4, 20)
-    step_cfg = train_lib.StepConfig(real_batch=8, synth_batch=synth_batch, synth_in_cls=True,
-                                    synth_in_dist=True, crop_padding=1, flip=True, brightness=0.1)
-    step = jax.jit(train_lib.make_train_step(backbone, method, tx, step_cfg, jnp.full((3,), 0.5),
-                                             jnp.full((3,), 0.25), parallel.batch_sharded(mesh)),
-                   donate_argnums=(0,))
+    pool = TaskPool(pool_y, 32, 48, ArraySource(pool_x, pool_y), pool_x)
+    stream = DeviceStream(pool, np.arange(32), batch_size=8, synth_batch=synth_batch, use_in="both",
+                          seed=0, task=1, mesh=mesh,
+                          augment=dict(crop_padding=1, flip=True, brightness=0.1))
+    step = jax.jit(train_lib.make_train_step(backbone, method, tx, stream, jnp.full((3,), 0.5),
+                                             jnp.full((3,), 0.25)), donate_argnums=(0,))
     state = parallel.put_replicated(train_lib.init_state(params, stats, tx), mesh)
     logs = []
-    state = tr.run_epochs(step_fn=step, state=state,
-                          old_vars=parallel.put_replicated(old_vars, mesh),
-                          pool_dev=(parallel.put_replicated(pool_x, mesh),
-                                    parallel.put_replicated(pool_y, mesh)),
-                          real_indices=np.arange(32), epochs=2, batch_size=8,
-                          synth_bounds=(32, 48), task_key=jax.random.PRNGKey(5), mesh=mesh, seed=0,
-                          task=1, desc="t", log_fn=lambda e, m: logs.append(m), progress=False)
+    state = loop.run_epochs(step_fn=step, state=state,
+                            old_vars=parallel.put_replicated(old_vars, mesh), stream=stream,
+                            task_key=jax.random.PRNGKey(5), epochs=2, task=1, desc="t",
+                            log_fn=lambda e, m: logs.append(m), progress=False)
     return params, parallel.fetch(state), step, logs
 
 

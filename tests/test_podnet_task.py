@@ -15,10 +15,14 @@ import pytest
 
 from sdcil_jax import evaluate as ev
 from sdcil_jax import train as train_lib
+from sdcil_jax.checkpoint import SaveTimer
 from sdcil_jax.config import load_config_file
 from sdcil_jax.data import herding_select
+from sdcil_jax.data import memory as memory_lib
+from sdcil_jax.reporting import MetricsLogger
+from sdcil_jax.run_state import Saver
 from sdcil_jax.runner import prepare_experiment
-from sdcil_jax.task_loop import TaskLoop
+from sdcil_jax.task import TaskRunner
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.py")
 
@@ -36,27 +40,28 @@ def _config(tmp_path, **overrides):
     return c
 
 
-def _loop(tmp_path, **overrides):
+def _runner(tmp_path, **overrides):
     exp = prepare_experiment(_config(tmp_path, **overrides), str(tmp_path / "work"))
-    return TaskLoop(exp, store=None, progress=False)
+    saver = Saver(None, MetricsLogger(exp.workdir), None, SaveTimer(0))
+    return TaskRunner(exp, saver, progress=False)
 
 
 @pytest.mark.slow
 def test_task_order_finetuning_and_memory_from_the_finetuned_network(tmp_path, monkeypatch):
-    loop = _loop(tmp_path)
+    runner = _runner(tmp_path)
     events, snapshots, schedules = [], {}, []
-    train_stage, update_memory, evaluate = loop._train_stage, loop._update_memory, loop._evaluate
+    stage, update_memory, evaluate = runner._stage, runner._update_memory, runner._evaluate
 
-    def spy_stage(method, stage, *args, **kwargs):
-        before = jax.device_get({"params": loop.params, "stats": loop.batch_stats})
-        train_stage(method, stage, *args, **kwargs)
-        events.append(stage)
-        snapshots[stage] = (before, jax.device_get({"params": loop.params,
-                                                   "stats": loop.batch_stats}))
+    def spy_stage(state, method, name, *args, **kwargs):
+        after = stage(state, method, name, *args, **kwargs)
+        events.append(name)
+        snapshots[name] = jax.device_get(((state.params, state.batch_stats),
+                                          (after.params, after.batch_stats)))
+        return after
 
     def spy_memory(*args):
-        update_memory(*args)
         events.append("herding")
+        return update_memory(*args)
 
     def spy_eval(*args):
         events.append("evaluate")
@@ -75,57 +80,54 @@ def test_task_order_finetuning_and_memory_from_the_finetuned_network(tmp_path, m
         means_calls.append((np.asarray(feats), flipped_features))
         return real_means(feats, labels, n, flipped_features)
 
-    monkeypatch.setattr(loop, "_train_stage", spy_stage)
-    monkeypatch.setattr(loop, "_update_memory", spy_memory)
-    monkeypatch.setattr(loop, "_evaluate", spy_eval)
+    monkeypatch.setattr(runner, "_stage", spy_stage)
+    monkeypatch.setattr(runner, "_update_memory", spy_memory)
+    monkeypatch.setattr(runner, "_evaluate", spy_eval)
     monkeypatch.setattr(train_lib, "make_optimizer", spy_make)
     monkeypatch.setattr(ev, "class_means", spy_means)
-    loop.run()
+    state = runner.initial_state()
+    for t in range(2):
+        state = runner.run_task(state, t)
 
     assert events == ["train", "herding", "evaluate",  # task 0: no finetuning
                       "train", "herding", "finetune", "herding", "evaluate"]
-    cfg = loop.cfg
+    cfg = runner.exp.config
     assert (cfg.method.finetune_lr, "constant") in schedules
     assert (cfg.train.lr, "cosine_epoch") in schedules
     # Balanced finetuning: the learned scale and the backbone weights stay, BN statistics and the
     # proxies (old and new) move.
-    before, after = snapshots["finetune"]
-    assert float(after["params"]["head"]["scale"]) == float(before["params"]["head"]["scale"])
-    for a, b in zip(jax.tree.leaves(after["params"]["backbone"]),
-                    jax.tree.leaves(before["params"]["backbone"]), strict=True):
+    (p0, s0), (p1, s1) = snapshots["finetune"]
+    assert float(p1["head"]["scale"]) == float(p0["head"]["scale"])
+    for a, b in zip(jax.tree.leaves(p1["backbone"]), jax.tree.leaves(p0["backbone"]), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(after["stats"]),
-                                                      jax.tree.leaves(before["stats"]), strict=True))
-    moved = np.abs(after["params"]["head"]["proxies"] - before["params"]["head"]["proxies"]).max(1)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0),
+                                                      strict=True))
+    moved = np.abs(p1["head"]["proxies"] - p0["head"]["proxies"]).max(1)
     k = cfg.method.proxies_per_class
     assert moved[: 2 * k].max() > 0 and moved[2 * k:].max() > 0  # old and new proxies
     # The memory kept is the herding of the new classes with the finetuned network.
-    method = loop._method_for(1)
-    eval_fn = loop._eval_fn(method)
+    method = runner.method(1)
+    eval_fn = runner._eval_fn(method)
+    pool = runner._pool(1)
     for c in (2, 3):
-        idx_c = np.flatnonzero(loop.train_y == c)
-        _, feats = loop._predict(eval_fn, loop.train_x[idx_c])
-        np.testing.assert_array_equal(loop.memory[c], idx_c[herding_select(feats,
-                                                                          cfg.memory.per_class)])
+        idx_c = np.flatnonzero(runner.train_y == c)
+        _, feats = runner._predict(eval_fn, state, pool, idx_c)
+        np.testing.assert_array_equal(state.memory[c],
+                                      idx_c[herding_select(feats, cfg.memory.per_class)])
     # NME means include the flipped exemplars' features (not the plain ones twice).
     feats, flipped = means_calls[-1]
     assert flipped is not None and not np.allclose(np.asarray(flipped), feats)
 
 
-def test_balanced_set_undersamples_a_large_synthetic_memory(tmp_path):
+def test_balanced_set_undersamples_a_large_synthetic_memory():
     """replace_memory with 500 synthetic images per old class: every class contributes
     memory.per_class images to the balanced finetuning set."""
-    loop = _loop(tmp_path, memory__per_class=20)
     rng = np.random.default_rng(0)
-    loop.memory = {c: 10_000 + 500 * c + np.arange(500) for c in range(4)}  # synthetic memories
-    loop.memory.update({c: rng.choice(1000, size=20, replace=False) for c in (4, 5)})  # herded
-
-    class Pool:
-        synth_lo, synth_hi = 10_000, 12_000
-
-    balanced = loop._balanced_indices(Pool(), t=2, end=6)
-    owner = {int(i): c for c, idx in loop.memory.items() for i in idx}
+    memory = {c: 10_000 + 500 * c + np.arange(500) for c in range(4)}  # synthetic memories
+    memory.update({c: rng.choice(1000, size=20, replace=False) for c in (4, 5)})  # herded, real
+    balanced = memory_lib.balanced_indices(memory, 6, 20, seed=0, task=2)
+    owner = {int(i): c for c, idx in memory.items() for i in idx}
     counts = np.bincount([owner[int(i)] for i in balanced], minlength=6)
     assert counts.tolist() == [20] * 6
-    np.testing.assert_array_equal(balanced, loop._balanced_indices(Pool(), t=2, end=6))
-    assert not np.array_equal(balanced, loop._balanced_indices(Pool(), t=3, end=6))
+    np.testing.assert_array_equal(balanced, memory_lib.balanced_indices(memory, 6, 20, 0, 2))
+    assert not np.array_equal(balanced, memory_lib.balanced_indices(memory, 6, 20, 0, 3))

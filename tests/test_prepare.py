@@ -18,7 +18,6 @@ import tensorflow_datasets as tfds
 
 from sdcil_jax.config import base_config, load_config_file, validate
 from sdcil_jax.data import prepare as prepare_lib
-from sdcil_jax.data.datasets import prepare_dataset as datasets_prepare_dataset
 from sdcil_jax.data.prepare import prepare, prepare_dataset
 from sdcil_jax.errors import DataError
 
@@ -156,7 +155,7 @@ def test_digits_prepare_then_already_prepared(tmp_path, no_tensorflow):
     first = prepare(config)
     assert first == [f"digits: prepared in {tmp_path / 'sdcil_digits' / '1.0.0'}"]
     assert prepare(config) == [f"digits: already prepared in {tmp_path / 'sdcil_digits' / '1.0.0'}"]
-    assert datasets_prepare_dataset("digits", str(tmp_path)) == str(tmp_path / "sdcil_digits" / "1.0.0")
+    assert prepare_dataset("digits", str(tmp_path)).path == str(tmp_path / "sdcil_digits" / "1.0.0")
 
 
 # ------------------------------------------------------------------------------------ command line

@@ -8,6 +8,9 @@ import pytest
 from sdcil_jax import parallel
 from sdcil_jax import train as train_lib
 from sdcil_jax.config import base_config
+from sdcil_jax.data.pool import TaskPool
+from sdcil_jax.data.sources import ArraySource
+from sdcil_jax.data.stream import DeviceStream
 from sdcil_jax.methods import TaskInfo, get_method
 from sdcil_jax.models import build_backbone
 
@@ -25,26 +28,24 @@ def _setup(synth_batch):
     params = {"backbone": variables["params"],
               "head": method.init_head(jax.random.PRNGKey(1), 32, 4)}
     tx = train_lib.make_optimizer(0.1, 0.9, 5e-4, 10)
-    step_cfg = train_lib.StepConfig(real_batch=8, synth_batch=synth_batch, synth_in_cls=True,
-                                    synth_in_dist=False, crop_padding=2, flip=True, brightness=0.2)
     mean, std = jnp.full((3,), 0.5), jnp.full((3,), 0.25)
     state0 = train_lib.init_state(params, variables["batch_stats"], tx)
-    return backbone, method, tx, step_cfg, mean, std, state0, pool_x, pool_y
+    pool = TaskPool(pool_y, 20, 40, ArraySource(pool_x, pool_y), pool_x)
+    return backbone, method, tx, mean, std, state0, pool
 
 
 def _run(devices, synth_batch, steps=2):
-    backbone, method, tx, step_cfg, mean, std, state0, pool_x, pool_y = _setup(synth_batch)
+    backbone, method, tx, mean, std, state0, pool = _setup(synth_batch)
     mesh = parallel.make_mesh(devices)
-    step = jax.jit(train_lib.make_train_step(backbone, method, tx, step_cfg, mean, std,
-                                             parallel.batch_sharded(mesh)), donate_argnums=(0,))
+    stream = DeviceStream(pool, np.arange(8 * steps), batch_size=8, synth_batch=synth_batch,
+                          use_in="classification", seed=0, task=1, mesh=mesh,
+                          augment=dict(crop_padding=2, flip=True, brightness=0.2))
+    step = jax.jit(train_lib.make_train_step(backbone, method, tx, stream, mean, std),
+                   donate_argnums=(0,))
     state = parallel.put_replicated(state0, mesh)
-    px, py = parallel.put_replicated(pool_x, mesh), parallel.put_replicated(pool_y, mesh)
     metrics = None
-    for s in range(steps):
-        idx = parallel.put_global(np.arange(8 * s, 8 * s + 8, dtype=np.int32),
-                                  parallel.batch_sharded(mesh))
-        state, metrics = step(state, None, px, py, idx, jnp.int32(20), jnp.int32(40),
-                              jax.random.PRNGKey(3))
+    for _, _, batch in stream.batches(0, 0, 1):
+        state, metrics = step(state, None, stream.pool, batch, jax.random.PRNGKey(3))
     return parallel.fetch(state), parallel.fetch(metrics), step
 
 

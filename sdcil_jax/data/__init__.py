@@ -6,13 +6,13 @@ Preparing datasets (``--mode prepare``) lives in :mod:`sdcil_jax.data.prepare`
 
 from sdcil_jax.data.datasets import (
     Dataset,
+    Split,
     apply_class_name_overrides,
-    dataset_num_classes,
     holdout_split,
     load_dataset,
-    prepare_dataset,
+    resolve_pipeline,
 )
-from sdcil_jax.data.memory import herding_select, random_select
+from sdcil_jax.data.memory import herding_select, random_select, select_memory
 from sdcil_jax.data.scenario import (
     Scenario,
     build_scenario,
@@ -21,10 +21,12 @@ from sdcil_jax.data.scenario import (
     resolve_class_order,
     task_indices,
 )
+from sdcil_jax.data.tfds_io import dataset_num_classes
 
 __all__ = [
     "Dataset",
     "Scenario",
+    "Split",
     "apply_class_name_overrides",
     "build_scenario",
     "dataset_num_classes",
@@ -33,8 +35,9 @@ __all__ = [
     "load_dataset",
     "named_orders",
     "order_names",
-    "prepare_dataset",
     "random_select",
+    "resolve_pipeline",
+    "select_memory",
     "resolve_class_order",
     "task_indices",
 ]

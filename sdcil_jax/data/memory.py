@@ -50,3 +50,35 @@ def random_select(n: int, m: int, rng: np.random.Generator | int | None = None) 
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     return rng.choice(n, size=m, replace=False).astype(np.int64)
+
+
+def select_memory(features: np.ndarray, m: int, selection: str, seed: int) -> np.ndarray:
+    """Positions (into ``features``, one class's) of its ``m`` exemplars: ``herding`` or ``random``
+    (``default_rng(seed)``)."""
+    if selection == "herding":
+        return np.asarray(herding_select(features, m), dtype=np.int64)
+    return np.asarray(random_select(len(features), m, np.random.default_rng(seed)), dtype=np.int64)
+
+
+def memory_indices(memory: dict[int, np.ndarray], classes) -> np.ndarray:
+    """The exemplars of ``classes`` (pool positions), concatenated in class order."""
+    parts = [memory[c] for c in classes if c in memory]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0,), np.int64)
+
+
+def balanced_indices(memory: dict[int, np.ndarray], num_classes: int, per_class: int,
+                     seed: int, task: int) -> np.ndarray:
+    """The class-balanced finetuning set: ``per_class`` memory images of each class ``< num_classes``.
+
+    Real memories hold ``per_class`` images already (PODNet's undersampling). Larger memories
+    (synthetic ones with ``synthetic.replace_memory``, 100 or 500 per class) are under-sampled to the
+    same count by a seeded draw (``default_rng([seed, task, class, 17])``), so the set stays balanced.
+    """
+    parts = []
+    for c in range(num_classes):
+        idx = np.asarray(memory.get(c, np.zeros((0,), np.int64)), np.int64)
+        if len(idx) > per_class:
+            rng = np.random.default_rng([seed, task, c, 17])
+            idx = np.sort(rng.choice(idx, size=per_class, replace=False))
+        parts.append(idx)
+    return np.concatenate(parts) if parts else np.zeros((0,), np.int64)

@@ -31,7 +31,9 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from sdcil_jax.data import digits as digits_lib
-from sdcil_jax.data.datasets import DIGITS, _base_name, _unknown
+from sdcil_jax.data.tfds_io import DIGITS
+from sdcil_jax.data.tfds_io import base_name as _base_name
+from sdcil_jax.data.tfds_io import unknown_dataset as _unknown
 from sdcil_jax.errors import DataError
 
 # Files a user must download by hand, by tfds builder name. ImageNet-Subset and ImageNet-1k both read

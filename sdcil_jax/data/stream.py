@@ -1,0 +1,215 @@
+"""Batch streams: what the one training step, the one epoch loop and the one predict consume.
+
+A training stream yields, for each step of a stage, ``(epoch, step, batch)`` where ``batch`` is a
+dict of global jax Arrays sharded over the ``data`` mesh axis, and offers ``materialise(pool, batch,
+aug_key, synth_key)``, a pure function traced inside the jitted step that turns its batch into::
+
+    {"image": (B, H, W, C) float32 in [0, 1], "label": (B,) int32,
+     "cls_mask": (B,) float32, "dist_mask": (B,) float32}
+
+The real samples come first, then ``synth_batch`` synthetic ones; the masks say which samples feed
+the classification and the distillation losses (:func:`sample_masks`, the one place where
+``synthetic.use_in`` is read). Two kinds, chosen here and nowhere else:
+
+* :class:`DeviceStream` (CIFAR-size): the task's uint8 pool lives on the devices (``pool`` argument
+  of the step); a batch is the real indices; the gather, the uniform draw of the synthetic indices
+  from ``synth_key`` and the augmentation happen inside jit, so no image crosses to the host while
+  training. Epoch ``e``'s order is ``default_rng([seed, task, e])`` (:func:`epoch_batches`).
+* :class:`HostStream` (ImageNet-size): images are decoded and augmented on the host by
+  :class:`~sdcil_jax.data.host_pipeline.HostPipeline` (real and synthetic pipelines side by side; the
+  synthetic one's position is a function of the step), so a batch already holds uint8 images.
+
+Both are deterministic functions of (seed, task, stage, epoch, step), so a run resumed at
+``(epoch, step)`` sees exactly the batches an uninterrupted run sees. :func:`eval_batches` yields
+evaluation batches (uint8 images, padded to the batch size) for :func:`sdcil_jax.loop.predict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdcil_jax import augment as aug_lib
+from sdcil_jax import parallel
+from sdcil_jax.data.pool import TaskPool
+
+USES = {"none": (False, False), "distillation": (False, True), "classification": (True, False),
+        "both": (True, True)}
+
+
+def sample_masks(use_in: str, n_real: int, n_synth: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(cls_mask, dist_mask)`` of a batch of ``n_real`` real then ``n_synth`` synthetic samples.
+
+    Real samples feed both losses; synthetic ones feed the classification loss when ``use_in`` is
+    'classification' or 'both', the distillation losses when 'distillation' or 'both'.
+    """
+    in_cls, in_dist = USES[use_in]
+    cls = np.concatenate([np.ones(n_real), np.full(n_synth, float(in_cls))]).astype(np.float32)
+    dist = np.concatenate([np.ones(n_real), np.full(n_synth, float(in_dist))]).astype(np.float32)
+    return cls, dist
+
+
+def epoch_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A shuffled epoch as (steps, batch_size) indices; the last batch wraps around the permutation.
+
+    steps = ceil(len(indices) / batch_size); every index appears at least once per epoch.
+    """
+    perm = indices[rng.permutation(len(indices))]
+    steps = max(1, -(-len(perm) // batch_size))
+    need = steps * batch_size
+    reps = -(-need // len(perm))
+    return np.tile(perm, reps)[:need].reshape(steps, batch_size)
+
+
+class DeviceStream:
+    """CIFAR-size training stream (see the module docstring)."""
+
+    def __init__(self, pool: TaskPool, indices: np.ndarray, *, batch_size: int, synth_batch: int,
+                 use_in: str, seed: int, task: int, mesh, augment: dict[str, Any]):
+        self.indices = np.asarray(indices)
+        self.batch_size, self.synth_batch = int(batch_size), int(synth_batch)
+        self.seed, self.task, self.mesh = int(seed), int(task), mesh
+        self.augment = dict(augment)
+        self.masks = sample_masks(use_in, self.batch_size, self.synth_batch)
+        self.steps_per_epoch = max(1, -(-len(self.indices) // self.batch_size))
+        self.synth_bounds = (pool.synth_lo, max(pool.synth_hi, pool.synth_lo + 1))
+        self.pool = (parallel.put_replicated(pool.images, mesh),
+                     parallel.put_replicated(pool.labels, mesh))
+
+    def batches(self, epoch: int, step: int, num_epochs: int) -> Iterator[tuple[int, int, Any]]:
+        sharding = parallel.batch_sharded(self.mesh)
+        for e in range(epoch, epoch + num_epochs):
+            order = epoch_batches(self.indices, self.batch_size,
+                                  np.random.default_rng([self.seed, self.task, e]))
+            for s in range(step if e == epoch else 0, len(order)):
+                yield e, s, {"index": parallel.put_global(order[s].astype(np.int32), sharding)}
+
+    def materialise(self, pool, batch, aug_key, synth_key):
+        pool_x, pool_y = pool
+        idx = batch["index"]
+        x, y = pool_x[idx], pool_y[idx]
+        if self.synth_batch > 0:
+            lo, hi = self.synth_bounds
+            s_idx = jax.random.randint(synth_key, (self.synth_batch,), lo, hi)
+            x = jnp.concatenate([x, pool_x[s_idx]])
+            y = jnp.concatenate([y, pool_y[s_idx]])
+        x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(self.mesh))
+        images = aug_lib.augment(x.astype(jnp.float32) / 255.0, aug_key, **self.augment)
+        return {"image": images, "label": y, "cls_mask": jnp.asarray(self.masks[0]),
+                "dist_mask": jnp.asarray(self.masks[1])}
+
+    def close(self) -> None:
+        pass
+
+
+class HostStream:
+    """ImageNet-size training stream (see the module docstring)."""
+
+    def __init__(self, pool: TaskPool, indices: np.ndarray, *, batch_size: int, synth_batch: int,
+                 use_in: str, seed: int, mesh, pipeline: dict[str, Any]):
+        from sdcil_jax.data.host_pipeline import HostPipeline
+
+        self.synth_batch, self.mesh = int(synth_batch), mesh
+        self.masks = sample_masks(use_in, int(batch_size), self.synth_batch)
+        self.real = HostPipeline(pool.source, np.asarray(indices), batch_size=batch_size,
+                                 train=True, seed=seed, mesh=mesh, **pipeline)
+        self.synth = None
+        if self.synth_batch > 0:
+            self.synth = HostPipeline(pool.source, np.arange(pool.synth_lo, pool.synth_hi),
+                                      batch_size=self.synth_batch, train=True, seed=seed + 1,
+                                      mesh=mesh, **pipeline)
+        self.steps_per_epoch = self.real.steps_per_epoch
+        self.pool = ()
+
+    def batches(self, epoch: int, step: int, num_epochs: int) -> Iterator[tuple[int, int, Any]]:
+        spe = self.steps_per_epoch
+        real_it = self.real.device_iterator(epoch=epoch, start_step=step, num_epochs=num_epochs)
+        synth_it = None
+        if self.synth is not None:
+            done, sspe = epoch * spe + step, self.synth.steps_per_epoch
+            synth_it = self.synth.device_iterator(epoch=done // sspe, start_step=done % sspe,
+                                                  num_epochs=None)
+        e, s = epoch, step
+        try:
+            for real in real_it:
+                batch = {"real_image": real.images, "real_label": real.labels}
+                if synth_it is not None:
+                    synth = next(synth_it)
+                    batch.update(synth_image=synth.images, synth_label=synth.labels)
+                yield e, s, batch
+                s += 1
+                if s == spe:
+                    e, s = e + 1, 0
+        finally:
+            real_it.close()
+            if synth_it is not None:
+                synth_it.close()
+
+    def materialise(self, pool, batch, aug_key, synth_key):
+        del pool, aug_key, synth_key  # augmented on the host
+        x, y = batch["real_image"], batch["real_label"]
+        if self.synth_batch > 0:
+            x = jnp.concatenate([x, batch["synth_image"]])
+            y = jnp.concatenate([y, batch["synth_label"]])
+        x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(self.mesh))
+        return {"image": x.astype(jnp.float32) / 255.0, "label": y,
+                "cls_mask": jnp.asarray(self.masks[0]), "dist_mask": jnp.asarray(self.masks[1])}
+
+    def close(self) -> None:
+        self.real.close()
+        if self.synth is not None:
+            self.synth.close()
+
+
+def host_pipeline_options(config) -> dict[str, Any]:
+    """The host pipeline's settings from the config (crop sizes, workers, augmentation)."""
+    d = config.dataset
+    return dict(image_size=d.image_size, test_resize=d.test_resize, workers=d.workers,
+                prefetch=d.prefetch, flip=config.train.flip, brightness=config.train.brightness)
+
+
+def train_stream(config, pool: TaskPool, indices: np.ndarray, *, task: int, finetune: bool,
+                 synth_batch: int, mesh):
+    """The training stream of one stage (``finetune`` or not) of ``task`` over pool ``indices``."""
+    c = config
+    if pool.images is not None:
+        augment = dict(crop_padding=c.train.crop_padding, flip=c.train.flip,
+                       brightness=c.train.brightness)
+        return DeviceStream(pool, indices, batch_size=c.train.batch_size, synth_batch=synth_batch,
+                            use_in=c.synthetic.use_in, seed=c.seed + (7919 if finetune else 0),
+                            task=task, mesh=mesh, augment=augment)
+    seed = int(np.random.default_rng([c.seed, task, int(finetune)]).integers(2**31))
+    return HostStream(pool, indices, batch_size=c.train.batch_size, synth_batch=synth_batch,
+                      use_in=c.synthetic.use_in, seed=seed, mesh=mesh,
+                      pipeline=host_pipeline_options(c))
+
+
+def eval_batches(config, items: TaskPool, indices: np.ndarray, mesh) -> Iterator[tuple[Any, int]]:
+    """``(images, n_valid)`` over ``items[indices]`` in order: uint8 global batches of
+    ``train.eval_batch_size`` (the last one zero-padded; its first ``n_valid`` rows are real)."""
+    indices = np.asarray(indices, np.int64)
+    size = config.train.eval_batch_size
+    if items.images is not None:
+        sharding = parallel.batch_sharded(mesh)
+        images = items.images[indices]
+        for start in range(0, len(images), size):
+            chunk = images[start:start + size]
+            n = len(chunk)
+            if n < size:
+                chunk = np.concatenate([chunk, np.zeros((size - n,) + chunk.shape[1:], chunk.dtype)])
+            yield parallel.put_global(chunk, sharding), n
+        return
+    if not len(indices):
+        return
+    from sdcil_jax.data.host_pipeline import HostPipeline
+
+    options = host_pipeline_options(config)
+    options.pop("flip"), options.pop("brightness")
+    with HostPipeline(items.source, indices, batch_size=size, train=False, mesh=mesh,
+                      **options) as pipe:
+        for step, batch in enumerate(pipe.device_iterator()):
+            yield batch.images, min(size, len(indices) - step * size)

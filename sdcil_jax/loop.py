@@ -1,0 +1,67 @@
+"""The one epoch loop and the one predict, over any batch stream (:mod:`sdcil_jax.data.stream`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sdcil_jax.errors import UserError
+
+
+def run_epochs(*, step_fn, state, old_vars, stream, task_key, epochs: int, task: int, desc: str,
+               start: tuple[int, int] = (0, 0), start_sums: dict[str, float] | None = None,
+               log_fn: Callable[[int, dict[str, float]], None] | None = None,
+               after_step: Callable[[Any, int, int, dict], None] | None = None,
+               progress: bool = True):
+    """Run ``epochs`` epochs of ``stream`` through ``step_fn``; returns the final state.
+
+    Starts at ``start = (epoch, step_in_epoch)`` (resume; ``start_sums`` are that epoch's partial
+    metric sums). Metric sums stay on the devices (no host sync per step). ``after_step(state, epoch,
+    steps_done_in_epoch, sums)`` runs after every step (checkpoints, preemption); at the end of each
+    epoch the means over its steps go to ``log_fn(epoch, means)``, and a non-finite loss stops the
+    run with a :class:`UserError`.
+    """
+    spe = stream.steps_per_epoch
+    first_epoch, first_step = start
+    bar = tqdm(total=epochs * spe, initial=first_epoch * spe + first_step, desc=desc, unit="step",
+               disable=not progress, dynamic_ncols=True, leave=False)
+    sums: dict[str, Any] = dict(start_sums or {}) if first_step else {}
+    try:
+        for epoch, step, batch in stream.batches(first_epoch, first_step, epochs - first_epoch):
+            state, metrics = step_fn(state, old_vars, stream.pool, batch, task_key)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update(1)
+            if after_step is not None:
+                after_step(state, epoch, step + 1, sums)
+            if step + 1 < spe:
+                continue
+            means = {k: float(v) / spe for k, v in sums.items()}
+            bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}", refresh=False)
+            if not np.isfinite(means.get("loss", 0.0)):
+                raise UserError(
+                    f"Training diverged: loss is {means['loss']} in task {task + 1}, epoch "
+                    f"{epoch + 1} (steps {epoch * spe + 1}-{(epoch + 1) * spe}); lower train.lr "
+                    "or check the data.")
+            if log_fn is not None:
+                log_fn(epoch, means)
+            sums = {}
+    finally:
+        bar.close()
+    return state
+
+
+def predict(eval_fn, params, batch_stats, batches: Iterable[tuple[Any, int]],
+            feat_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and features over ``(images, n_valid)`` batches (padding rows dropped)."""
+    logits, feats = [], []
+    for images, n_valid in batches:
+        lg, ft = eval_fn(params, batch_stats, images)
+        logits.append(np.asarray(lg)[:n_valid])
+        feats.append(np.asarray(ft)[:n_valid])
+    if not logits:
+        return np.zeros((0, 0), np.float32), np.zeros((0, feat_dim), np.float32)
+    return np.concatenate(logits), np.concatenate(feats)

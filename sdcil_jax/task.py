@@ -1,0 +1,255 @@
+"""One task of class-incremental training: ``TaskRunner.run_task(state, t) -> state``.
+
+A task, in PODNet's official order: build the task's pool (real images + synthetic images of the old
+classes), grow the classifier (k-means imprinting for PODNet), train, herd the new classes'
+exemplars, finetune the classifier on a class-balanced set (methods that do), herd again with the
+finetuned network, evaluate (CNN, NME with flipped exemplars, domain gap), freeze the model as the
+next task's old model, save. Everything a task reads from the previous one is in the
+:class:`~sdcil_jax.run_state.TaskState` it receives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdcil_jax import evaluate as ev
+from sdcil_jax import loop, parallel, reporting
+from sdcil_jax import train as train_lib
+from sdcil_jax.data import memory as memory_lib
+from sdcil_jax.data import pool as pool_lib
+from sdcil_jax.data import stream as stream_lib
+from sdcil_jax.methods import TaskInfo, get_method
+from sdcil_jax.models import build_backbone
+from sdcil_jax.run_state import Position, Saver, TaskState
+
+
+class TaskRunner:
+    """The immutable context of a run's tasks: experiment, model, devices, and its saver."""
+
+    def __init__(self, exp, saver: Saver, progress: bool = True):
+        self.exp, self.saver, self.progress = exp, saver, progress
+        cfg, ds = exp.config, exp.dataset
+        self.mesh = parallel.make_mesh()
+        self.backbone = build_backbone(cfg.model)
+        self.mean, self.std = pool_lib.normalisation(cfg.dataset, ds, exp.train_idx)
+        self.train_y = exp.scenario.relabel(ds.train.labels[exp.train_idx]).astype(np.int32)
+        self.test_y = exp.scenario.relabel(ds.test.labels).astype(np.int32)
+        dummy = jnp.zeros((1, *ds.input_shape), jnp.float32)
+        shapes = jax.eval_shape(lambda: self.backbone.init(jax.random.PRNGKey(0), dummy,
+                                                           train=False))
+        self.feat_dim = int(jax.eval_shape(lambda v: self.backbone.apply(v, dummy, train=False),
+                                           shapes)["features"].shape[-1])
+
+    # ------------------------------------------------------------------------------------ state
+    def initial_state(self) -> TaskState:
+        dummy = jnp.zeros((1, *self.exp.dataset.input_shape), jnp.float32)
+        key = jax.random.fold_in(jax.random.PRNGKey(self.exp.config.seed), 1_000_003)
+        variables = jax.jit(lambda k: self.backbone.init(k, dummy, train=False))(key)
+        return TaskState(params={"backbone": variables["params"], "head": None},
+                         batch_stats=variables["batch_stats"])
+
+    def method(self, t: int):
+        start, end = self.exp.scenario.task_range(t)
+        return get_method(self.exp.config, TaskInfo(task=t, num_old=start, num_new=end - start))
+
+    def state_template(self, progress: dict[str, Any]):
+        """Shapes of the train state saved at ``progress`` (built without running anything)."""
+        t, phase = progress["task"], progress["phase"]
+        method = self.method(t)
+        end = self.exp.scenario.task_range(t)[1]
+        dummy = jnp.zeros((1, *self.exp.dataset.input_shape), jnp.float32)
+        variables = jax.eval_shape(lambda: self.backbone.init(jax.random.PRNGKey(0), dummy,
+                                                              train=False))
+        backbone, stats = variables["params"], variables["batch_stats"]
+        head = jax.eval_shape(lambda: method.init_head(jax.random.PRNGKey(0), self.feat_dim, end))
+        params = {"backbone": backbone, "head": head}
+        if phase == "task_done":
+            return jax.eval_shape(lambda: train_lib.TrainState(
+                step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=()))
+        tx = self._optimizer(phase == "finetune", 1, 1)
+        make = train_lib.init_head_state if phase == "finetune" else train_lib.init_state
+        return jax.eval_shape(lambda: make(params, stats, tx))
+
+    # ------------------------------------------------------------------------------------- task
+    def run_task(self, state: TaskState, t: int, resume: tuple[Position, Any] | None = None
+                 ) -> TaskState:
+        """Train, finetune, select exemplars and evaluate task ``t``; returns the next state.
+
+        ``resume = (position, train_state)`` continues a phase that a checkpoint interrupted.
+        """
+        cfg, sc = self.exp.config, self.exp.scenario
+        clock = time.perf_counter()
+        start, end = sc.task_range(t)
+        method = self.method(t)
+        task_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), t)
+        pool = self._pool(t)
+        state = dataclasses.replace(state, params=dict(state.params), memory=dict(state.memory))
+        if cfg.synthetic.replace_memory:
+            synth_y = pool.labels[pool.synth_lo:pool.synth_hi]
+            state.memory.update({c: pool.synth_lo + np.flatnonzero(synth_y == c)
+                                 for c in range(start)})
+        new_idx = np.flatnonzero((self.train_y >= start) & (self.train_y < end))
+        seen_idx = np.flatnonzero((self.train_y >= 0) & (self.train_y < end))
+        real_idx = method.real_indices(new_idx, memory_lib.memory_indices(state.memory, range(start)),
+                                       seen_idx)
+        if resume is None:
+            state.params["head"] = self._grown_head(state, method, pool, t)
+        synth = cfg.synthetic.use_in != "none" and pool.synth_hi > pool.synth_lo
+        synth_batch = (cfg.synthetic.batch_size or cfg.train.batch_size) if synth else 0
+        if resume is None or resume[0].phase == "train":
+            state = self._stage(state, method, "train", real_idx, pool, task_key, t, synth_batch,
+                                resume)
+            state = self._update_memory(state, method, pool, start, end)
+            resume = None
+        if method.finetune_epochs() > 0:
+            balanced = memory_lib.balanced_indices(state.memory, end, cfg.memory.per_class,
+                                                   cfg.seed, t)
+            if cfg.synthetic.in_finetuning and not cfg.synthetic.replace_memory:
+                balanced = np.concatenate([balanced, np.arange(pool.synth_lo, pool.synth_hi)])
+            state = self._stage(state, method, "finetune", balanced, pool,
+                                jax.random.fold_in(task_key, 1), t, 0, resume)
+            state = self._update_memory(state, method, pool, start, end)
+        result = self._evaluate(state, method, pool, t)
+        result.update(task=t, num_classes=end, new_classes=sc.task_classes(t),
+                      train_images=int(len(real_idx)),
+                      synthetic_images=int(pool.synth_hi - pool.synth_lo),
+                      train_time_s=round(time.perf_counter() - clock, 2))
+        state.results = [*state.results, result]
+        self.saver.logger.log({"event": "task", **result})
+        reporting.print_task_line(result, sc.num_tasks)
+        if method.needs_old_model:
+            state.old = parallel.put_replicated(
+                {"params": state.params, "batch_stats": state.batch_stats}, self.mesh)
+        self.saver.save_task_end(state, t)
+        self.saver.stop_if_requested(f"after task {t + 1}")
+        return state
+
+    # ----------------------------------------------------------------------------------- stages
+    def _pool(self, t: int) -> pool_lib.TaskPool:
+        exp = self.exp
+        old_classes = [c for k in range(t) for c in exp.scenario.task_classes(k)]
+        synth_x, synth_y = pool_lib.synthetic_images(
+            exp.store, old_classes, 0, exp.config.synthetic.per_class, exp.scenario.relabel,
+            exp.dataset.image_shape)
+        return pool_lib.build_pool(exp.dataset, exp.train_idx, self.train_y, synth_x, synth_y)
+
+    def _grown_head(self, state: TaskState, method, pool, t: int):
+        start, end = self.exp.scenario.task_range(t)
+        head_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.exp.config.seed),
+                                                         t), 7)
+        if state.params["head"] is None:
+            return method.init_head(head_key, self.feat_dim, end - start)
+        feats = None
+        if method.imprint:
+            eval_fn = self._eval_fn(method)
+            feats = [self._predict(eval_fn, state, pool, np.flatnonzero(self.train_y == c))[1]
+                     for c in range(start, end)]
+        return method.grow_head(state.params["head"], head_key, end - start, feats)
+
+    def _optimizer(self, finetune: bool, steps: int, steps_per_epoch: int):
+        c = self.exp.config
+        lr = c.method.finetune_lr if finetune else c.train.lr
+        # Finetuning: constant lr (the official finetuning has no scheduler), same SGD otherwise.
+        schedule = "constant" if finetune else c.train.schedule
+        return train_lib.make_optimizer(lr, c.train.momentum, c.train.weight_decay, steps, schedule,
+                                        steps_per_epoch)
+
+    def _stage(self, state: TaskState, method, stage: str, indices, pool, key, t: int,
+               synth_batch: int, resume: tuple[Position, Any] | None) -> TaskState:
+        finetune = stage == "finetune"
+        stream = stream_lib.train_stream(self.exp.config, pool, indices, task=t, finetune=finetune,
+                                         synth_batch=synth_batch, mesh=self.mesh)
+        epochs = method.finetune_epochs() if finetune else self.exp.config.train.epochs
+        tx = self._optimizer(finetune, epochs * stream.steps_per_epoch, stream.steps_per_epoch)
+        make = train_lib.make_finetune_step if finetune else train_lib.make_train_step
+        step_fn = jax.jit(make(self.backbone, method, tx, stream, self.mean, self.std),
+                          donate_argnums=(0,))
+        start, sums = (0, 0), None
+        if resume is not None:
+            position, train_state = resume
+            start, sums = (position.epoch, position.step), position.sums
+        else:
+            init = train_lib.init_head_state if finetune else train_lib.init_state
+            train_state = init(state.params, state.batch_stats, tx)
+        train_state = parallel.put_replicated(train_state, self.mesh)
+
+        def log_epoch(epoch, means):
+            self.saver.logger.log({"event": stage, "task": t, "epoch": epoch, **means})
+
+        def after_step(train_state, epoch, done, sums):
+            self.saver.after_step(state, Position(task=t, phase=stage, epoch=epoch, step=done,
+                                                  sums=sums), train_state)
+
+        try:
+            train_state = loop.run_epochs(
+                step_fn=step_fn, state=train_state, old_vars=state.old, stream=stream,
+                task_key=key, epochs=epochs, task=t, start=start, start_sums=sums,
+                desc=f"task {t + 1}/{self.exp.scenario.num_tasks} {stage}", log_fn=log_epoch,
+                after_step=after_step, progress=self.progress)
+        finally:
+            stream.close()
+        host = jax.device_get(train_state)
+        return dataclasses.replace(state, params=host.params, batch_stats=host.batch_stats)
+
+    def _update_memory(self, state: TaskState, method, pool, start: int, end: int) -> TaskState:
+        """Fixed memory per class: herding (or random) exemplars of the new classes."""
+        cfg = self.exp.config
+        if not method.uses_memory or cfg.memory.per_class == 0:
+            return state
+        eval_fn = self._eval_fn(method)
+        memory = dict(state.memory)
+        for c in range(start, end):
+            idx_c = np.flatnonzero(self.train_y == c)
+            _, feats_c = self._predict(eval_fn, state, pool, idx_c)
+            pick = memory_lib.select_memory(feats_c, cfg.memory.per_class, cfg.memory.selection,
+                                            cfg.seed * 1000 + c)
+            memory[c] = idx_c[pick]
+        return dataclasses.replace(state, memory=memory)
+
+    # ------------------------------------------------------------------------------- evaluation
+    def _eval_fn(self, method, flip: bool = False):
+        return jax.jit(train_lib.make_eval_fn(self.backbone, method.head_apply,
+                                              jnp.asarray(self.mean), jnp.asarray(self.std),
+                                              flip=flip))
+
+    def _predict(self, eval_fn, state: TaskState, items, indices):
+        batches = stream_lib.eval_batches(self.exp.config, items, indices, self.mesh)
+        return loop.predict(eval_fn, state.params, state.batch_stats, batches, self.feat_dim)
+
+    def _evaluate(self, state: TaskState, method, pool, t: int) -> dict[str, Any]:
+        start, end = self.exp.scenario.task_range(t)
+        eval_fn = self._eval_fn(method)
+        memory_means = None
+        mem_all = memory_lib.memory_indices(state.memory, range(end))
+        if method.uses_memory and len(mem_all):
+            _, mem_feats = self._predict(eval_fn, state, pool, mem_all)
+            _, mem_flip = self._predict(self._eval_fn(method, flip=True), state, pool, mem_all)
+            memory_means = ev.class_means(mem_feats, pool.labels[mem_all], end, mem_flip)
+        sel = np.flatnonzero((self.test_y >= 0) & (self.test_y < end))
+        test = pool_lib.TaskPool(self.test_y, len(self.test_y), len(self.test_y),
+                                 self.exp.dataset.test.source, self.exp.dataset.test.images)
+        logits, feats = self._predict(eval_fn, state, test, sel)
+        result = ev.evaluate_task(
+            logits=logits, feats=feats, labels=self.test_y[sel], num_seen=end,
+            task_bounds=[self.exp.scenario.task_range(k) for k in range(t + 1)], num_old=start,
+            memory_means=memory_means)
+        result["synthetic_accuracy"] = self._domain_gap(state, eval_fn, t, end)
+        return result
+
+    def _domain_gap(self, state: TaskState, eval_fn, t: int, end: int) -> float | None:
+        """CNN accuracy on held-out synthetic images of the seen classes (never trained on)."""
+        exp, n = self.exp, self.exp.config.synthetic.diagnostic_per_class
+        if n == 0 or exp.store is None:
+            return None
+        classes = [c for k in range(t + 1) for c in exp.scenario.task_classes(k)]
+        x, y = pool_lib.synthetic_images(exp.store, classes, exp.config.synthetic.per_class, n,
+                                         exp.scenario.relabel, exp.dataset.image_shape)
+        items = pool_lib.array_items(exp.dataset, x, y)
+        logits, _ = self._predict(eval_fn, state, items, np.arange(len(y)))
+        return ev.accuracy(np.argmax(logits[:, :end], axis=1), y)
