@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from sdcil_jax.errors import ConfigError
+from sdcil_jax.generation.backends import BACKENDS
 
 # Keys whose value may take more than one type (the default's type is always accepted too).
 _EXTRA_TYPES: dict[str, tuple[type, ...]] = {
@@ -32,7 +33,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dataset.pipeline": ("auto", "device", "host"),
     "memory.selection": ("herding", "random"),
     "synthetic.use_in": ("none", "distillation", "classification", "both"),
-    "generation.backend": ("sd", "tiny_sd", "real_holdout"),
+    "generation.backend": tuple(BACKENDS),
+    "generation.scheduler": ("pndm", "ddim", "dpm_solver"),
     "generation.dtype": ("bfloat16", "float32", "float16"),
     "model.name": ("resnet_digits", "resnet_tiny", "resnet32", "resnet18"),
 }
@@ -84,13 +86,16 @@ def base_config() -> ml_collections.ConfigDict:
         backend="sd",
         model="CompVis/stable-diffusion-v1-4",  # hub id or local folder
         revision="flax",
+        bf16_revision="bf16",  # hub revision loaded instead of 'flax' when dtype is bfloat16 ('' = cast)
         dtype="bfloat16",
+        scheduler="pndm",  # 'pndm' (SD v1.4's PLMS), 'ddim' or 'dpm_solver' (DPM-Solver++ 2M)
         guidance_scale=2.0,
         num_inference_steps=50,
         resolution=512,
         prompt_templates=["a photo of a {}"],
         per_class=500,
         batch_per_device=4,
+        memory_efficient_attention=False,  # chunked UNet attention: less memory, changes pixels
         store_dir="",  # '' = <workdir>/replay_store
         preview_per_class=4,
     )
