@@ -42,18 +42,21 @@ def choices() -> dict[str, tuple[str, ...]]:
     """Every key restricted to a set of values; registry-backed keys take the registry's names.
 
     ``method.name`` from :data:`sdcil_jax.methods.REGISTRY`, ``model.name`` from
-    :data:`sdcil_jax.models.BACKBONES`, ``generation.backend`` from the generation backends,
+    :data:`sdcil_jax.models.BACKBONES`, ``generation.backend`` / ``generation.scheduler`` from the
+    generation backends and schedulers,
     ``synthetic.use_in`` from the batch-stream masks (imported here, not at module load, so a
     config file stays cheap to import).
     """
     from sdcil_jax.data.stream import USES
     from sdcil_jax.generation.backends import BACKENDS
+    from sdcil_jax.generation.schedulers import SCHEDULERS
     from sdcil_jax.methods import REGISTRY
     from sdcil_jax.models import BACKBONES
 
     out = dict(_FIXED_CHOICES)
     out.update({"method.name": tuple(REGISTRY), "model.name": tuple(BACKBONES),
-                "generation.backend": tuple(BACKENDS), "synthetic.use_in": tuple(USES)})
+                "generation.backend": tuple(BACKENDS), "generation.scheduler": tuple(SCHEDULERS),
+                "synthetic.use_in": tuple(USES)})
     return out
 
 
@@ -106,13 +109,16 @@ def base_config() -> ml_collections.ConfigDict:
         backend="sd",
         model="CompVis/stable-diffusion-v1-4",  # hub id or local folder
         revision="flax",
+        bf16_revision="bf16",  # hub revision loaded instead of 'flax' when dtype is bfloat16 ('' = cast)
         dtype="bfloat16",
+        scheduler="pndm",  # 'pndm' (SD v1.4's PLMS), 'ddim' or 'dpm_solver' (DPM-Solver++ 2M)
         guidance_scale=2.0,
         num_inference_steps=50,
         resolution=512,
         prompt_templates=["a photo of a {}"],
         per_class=500,
         batch_per_device=4,
+        memory_efficient_attention=False,  # chunked UNet attention: less memory, changes pixels
         store_dir="",  # '' = <workdir>/replay_store
         preview_per_class=4,
     )

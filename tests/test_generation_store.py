@@ -7,10 +7,20 @@ import os
 import numpy as np
 import pytest
 
-from sdcil_jax.config import base_config
-from sdcil_jax.errors import GenerationError, UserError
-from sdcil_jax.generation import ReplayStore, generate_replay_pool, to_uint8
+from sdcil_jax.config import CHOICES, base_config, validate
+from sdcil_jax.errors import ConfigError, GenerationError, UserError
+from sdcil_jax.generation import (
+    BACKENDS,
+    SCHEDULERS,
+    ReplayStore,
+    fingerprint_fields,
+    generate_replay_pool,
+    solver_table,
+    to_uint8,
+)
 from sdcil_jax.generation import pipeline as sd_pipeline
+from sdcil_jax.generation.engine import ClassJob, plan_steps
+from sdcil_jax.generation.schedulers import SD_V1_SCHEDULE
 from sdcil_jax.generation.store import fingerprint_of
 
 
@@ -147,8 +157,63 @@ def test_only_the_flax_deprecation_message_is_silenced():
 
 def test_unknown_dtype_and_backend():
     cfg = holdout_cfg()
-    with pytest.raises(GenerationError, match="no diffusion pipeline"):
-        sd_pipeline.load_pipeline(cfg)
+    with pytest.raises(GenerationError, match="no diffusion model"):
+        sd_pipeline.load_model(cfg)
     cfg.dtype = "int8"
     with pytest.raises(GenerationError, match="generation.dtype"):
-        sd_pipeline.load_pipeline(cfg)
+        sd_pipeline.load_model(cfg)
+
+
+def test_config_choices_come_from_the_registries():
+    assert CHOICES["generation.backend"] == tuple(BACKENDS) == ("sd", "tiny_sd", "real_holdout")
+    assert CHOICES["generation.scheduler"] == SCHEDULERS
+    config = base_config()
+    assert config.generation.scheduler == "pndm" and not config.generation.memory_efficient_attention
+    config.generation.scheduler = "euler"
+    with pytest.raises(ConfigError, match="generation.scheduler.*pndm, ddim, dpm_solver"):
+        validate(config)
+
+
+def test_groups_are_aligned_micro_batches_and_steps_are_padded():
+    jobs = [ClassJob(5, ("p",), (0, 1, 2)), ClassJob(7, ("p",), (3, 8)), ClassJob(9, ("p",), ())]
+    steps = plan_steps(jobs, per_device=2, n_devices=3)
+    # class 5: groups {0,1}, {2,3}; class 7: {2,3}, {8,9}; a step mixes classes, the last is padded
+    assert [[(jobs[g.job].class_id, g.start) for g in step] for step in steps] == [
+        [(5, 0), (5, 2), (7, 2)], [(7, 8), (7, 8), (7, 8)]]
+    assert plan_steps(jobs[2:], 2, 3) == []
+
+
+def test_fingerprint_names_everything_that_changes_pixels():
+    g = base_config().generation
+    fields = fingerprint_fields(g, seed=0, class_names=["a"], image_shape=(32, 32, 3))
+    for key in ("scheduler", "num_inference_steps", "batch_per_device", "dtype", "revision",
+                "memory_efficient_attention", "guidance_scale", "resolution", "model", "seed"):
+        assert key in fields, key
+    assert fields["recipe_version"] == 2 and fields["revision"] == "bf16"  # bf16 weights for bf16
+    g.dtype = "float32"
+    assert fingerprint_fields(g, seed=0, class_names=["a"], image_shape=(32, 32, 3))[
+        "revision"] == "flax"
+    holdout = fingerprint_fields(holdout_cfg(), seed=0, class_names=["a"], image_shape=(8, 8, 1))
+    assert "scheduler" not in holdout and "batch_per_device" not in holdout
+
+
+def test_revision_loaded_for_each_dtype_and_source(tmp_path):
+    g = base_config().generation  # hub id, revision 'flax', dtype bfloat16
+    assert sd_pipeline.effective_revision(g) == "bf16"
+    g.bf16_revision = ""
+    assert sd_pipeline.effective_revision(g) == "flax"  # load float32 and cast
+    g.bf16_revision, g.revision = "bf16", "main"
+    assert sd_pipeline.effective_revision(g) == "main"  # an explicit revision is kept
+    g.revision, g.model = "flax", str(tmp_path)
+    assert sd_pipeline.effective_revision(g) == "flax"  # local folders have no revisions
+
+
+def test_solver_tables_shapes_and_errors():
+    for name in SCHEDULERS:
+        table = solver_table(name, SD_V1_SCHEDULE, 50)
+        assert table.num_evaluations == 50 + (name == "pndm")
+        assert table.timesteps.max() < 1000 and table.timesteps.min() >= 0
+    with pytest.raises(GenerationError, match="generation.scheduler"):
+        solver_table("euler", SD_V1_SCHEDULE, 10)
+    with pytest.raises(GenerationError, match="prediction_type"):
+        solver_table("ddim", dict(SD_V1_SCHEDULE, prediction_type="sample"), 10)

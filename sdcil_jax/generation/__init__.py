@@ -1,34 +1,52 @@
 """Synthetic replay data: a Stable Diffusion (or stand-in) generator and the on-disk replay store.
 
-Public API:
+Public API (imported lazily, so ``import sdcil_jax.generation.backends`` stays cheap):
 
 - :func:`generate_replay_pool`: fill a store with ``generation.per_class`` images of given classes
-  (resumable; backends ``sd``, ``tiny_sd``, ``real_holdout``).
+  (resumable; backends in :data:`BACKENDS`: ``sd``, ``tiny_sd``, ``real_holdout``).
 - :class:`ReplayStore`: read shards at training time
   (``ReplayStore(dir).open().load(class_id, n)``).
-- :func:`load_pipeline`, :class:`Sampler`: the generator itself (diffusers specifics live in
-  :mod:`sdcil_jax.generation.pipeline` only).
+- :func:`load_model`, :class:`Engine`: the generator itself (diffusers specifics live in
+  :mod:`sdcil_jax.generation.pipeline` only; the sampling maths in ``sampler`` and ``schedulers``).
 - :func:`class_prompts`: the prompts of a class.
 """
 
-from sdcil_jax.generation.pipeline import load_pipeline, save_tiny_pipeline
-from sdcil_jax.generation.pool import fingerprint_fields, generate_replay_pool, write_preview
-from sdcil_jax.generation.prompts import class_prompts, prompts_for_indices, readable_name
-from sdcil_jax.generation.sampler import Sampler, initial_latents, to_uint8
-from sdcil_jax.generation.store import ReplayStore, fingerprint_of
+from __future__ import annotations
 
-__all__ = [
-    "ReplayStore",
-    "Sampler",
-    "class_prompts",
-    "fingerprint_fields",
-    "fingerprint_of",
-    "generate_replay_pool",
-    "initial_latents",
-    "load_pipeline",
-    "prompts_for_indices",
-    "readable_name",
-    "save_tiny_pipeline",
-    "to_uint8",
-    "write_preview",
-]
+import importlib
+
+_EXPORTS = {
+    "BACKENDS": "backends",
+    "ClassJob": "engine",
+    "Engine": "engine",
+    "ReplayStore": "store",
+    "SCHEDULERS": "schedulers",
+    "SDModel": "pipeline",
+    "class_prompts": "prompts",
+    "fingerprint_fields": "pool",
+    "fingerprint_of": "store",
+    "generate_replay_pool": "pool",
+    "initial_latents": "sampler",
+    "load_model": "pipeline",
+    "prompts_for_indices": "prompts",
+    "readable_name": "prompts",
+    "sample_images": "sampler",
+    "save_tiny_pipeline": "pipeline",
+    "solver_table": "schedulers",
+    "to_uint8": "sampler",
+    "write_preview": "pool",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

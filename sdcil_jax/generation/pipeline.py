@@ -1,19 +1,28 @@
-"""The Stable Diffusion backend: loading a pipeline and the per-device generation function.
+"""The Stable Diffusion model: its components, loaded one by one, and their pure forward functions.
 
-This is the only module that knows about ``diffusers`` and ``transformers``. Everything else in
-:mod:`sdcil_jax.generation` treats the pipeline as an opaque object and calls the functions below
-(:func:`tokenize`, :func:`latent_shape`, :func:`generate_images`), so replacing the SD
-implementation (an own jit+sharding sampler, another Flax SD port) means rewriting this file only.
+This is the only module that knows about ``diffusers`` and ``transformers``. It loads, with their
+public ``from_pretrained(..., subfolder=...)``, exactly what sampling uses: the CLIP tokenizer and text
+encoder, the UNet, the VAE and the scheduler's config (the noise schedule). The safety checker, the
+feature extractor and PyTorch weights are never downloaded. Everything else in
+:mod:`sdcil_jax.generation` calls the :class:`SDModel` methods below, so replacing the SD
+implementation (another Flax port, a JAX-native UNet) means rewriting this file only.
 
-Backends:
+Weights and dtype: the floating parameters are cast to ``generation.dtype`` after loading (the
+modules also compute in that dtype), so bfloat16 holds half the memory of float32. For a hub id with
+``dtype='bfloat16'`` and the default revision ``'flax'``, the revision ``generation.bf16_revision``
+(default ``'bf16'``: the same SD v1.4 weights stored in bfloat16) is downloaded instead, half of the
+float32 download; set ``generation.bf16_revision=''`` to load ``'flax'`` and cast.
 
-- ``sd``: ``FlaxStableDiffusionPipeline.from_pretrained`` from a hub id or a local folder.
-- ``tiny_sd``: a small randomly initialised pipeline built in code. Its images are noise; it exists
-  to test the machinery offline and on CPU.
+Backends (see :mod:`sdcil_jax.generation.backends`):
+
+- ``sd``: a hub id or a local ``save_pretrained`` folder.
+- ``tiny_sd``: a small randomly initialised model built in code, the SD v1 noise schedule. Its images
+  are noise; it exists to test the machinery offline and on CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -28,8 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdcil_jax.errors import GenerationError
+from sdcil_jax.generation.backends import BACKENDS, diffusion_backends
+from sdcil_jax.generation.schedulers import SD_V1_SCHEDULE
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+FLAX_REVISION = "flax"  # generation.revision's default: float32 Flax weights of SD v1.4
 
 _DEPRECATION_TEXT = "Flax classes are deprecated"
 _TINY_SEED = 0
@@ -72,40 +84,132 @@ def _diffusers():
     _silence_flax_deprecation()
     from diffusers import (
         FlaxAutoencoderKL,
-        FlaxDDIMScheduler,
+        FlaxPNDMScheduler,
         FlaxStableDiffusionPipeline,
         FlaxUNet2DConditionModel,
     )
 
     _silence_flax_deprecation()
     return (
-        FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel, FlaxAutoencoderKL, FlaxDDIMScheduler
+        FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel, FlaxAutoencoderKL, FlaxPNDMScheduler
     )
 
 
-def load_pipeline(gen_cfg: Any) -> tuple[Any, dict]:
-    """Load the generator named by ``gen_cfg.backend`` and return ``(pipe, params)``.
+@dataclasses.dataclass
+class SDModel:
+    """The components of a latent diffusion model and pure functions over their parameters.
 
-    ``params`` is the pipeline's parameter dict (unreplicated, including the scheduler state).
-    Raises :class:`GenerationError` for missing folders, unreachable hubs and unusable weights.
+    Attributes:
+      tokenizer: a ``transformers.CLIPTokenizer``.
+      text_encoder: a ``transformers.FlaxCLIPTextModel`` (called with explicit ``params``).
+      unet: a ``diffusers.FlaxUNet2DConditionModel`` (a Flax linen module).
+      vae: a ``diffusers.FlaxAutoencoderKL`` (a Flax linen module).
+      scheduler_config: the model's noise schedule (``scheduler_config.json`` as a dict).
+      params: ``{"text_encoder", "unet", "vae"}``: host (numpy) trees, floating leaves in ``dtype``.
+      dtype: the compute and parameter dtype.
+    """
+
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler_config: dict
+    params: dict
+    dtype: Any
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """Shape of one image's latent, channels first, for a square ``resolution`` image."""
+        factor = self.vae_scale_factor
+        if resolution % factor:
+            raise GenerationError(
+                f"generation.resolution={resolution} is not a multiple of the VAE down-sampling "
+                f"factor {factor}; pick a multiple of {factor}."
+            )
+        return (int(self.unet.config.in_channels), resolution // factor, resolution // factor)
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """Token ids (len(prompts), L) int32, padded to the tokenizer's max length and truncated."""
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="np",
+        ).input_ids
+        return np.asarray(ids, dtype=np.int32)
+
+    def encode_text(self, text_params: Any, ids_NxL: jax.Array) -> jax.Array:
+        """CLIP last hidden states (N, L, D) of token ids (N, L) (jitted once per encoder)."""
+        return _encode_text(self.text_encoder, text_params, ids_NxL)
+
+    def predict(self, unet_params: Any, x_BxCxhxw: jax.Array, t: jax.Array,
+                context_BxLxD: jax.Array) -> jax.Array:
+        """See :func:`unet_predict`."""
+        return unet_predict(self.unet, unet_params, x_BxCxhxw, t, context_BxLxD)
+
+    def decode(self, vae_params: Any, latents_BxCxhxw: jax.Array) -> jax.Array:
+        """See :func:`vae_decode`."""
+        return vae_decode(self.vae, vae_params, latents_BxCxhxw)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _encode_text(text_encoder: Any, text_params: Any, ids_NxL: jax.Array) -> jax.Array:
+    return text_encoder(ids_NxL, params=text_params)[0]
+
+
+def unet_predict(unet: Any, unet_params: Any, x_BxCxhxw: jax.Array, t: jax.Array,
+                 context_BxLxD: jax.Array) -> jax.Array:
+    """UNet output (B, C, h, w) at timestep ``t`` (scalar int) for text states; traceable."""
+    timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x_BxCxhxw.shape[0],))
+    return unet.apply({"params": unet_params}, x_BxCxhxw, timesteps,
+                      encoder_hidden_states=context_BxLxD).sample
+
+
+def vae_decode(vae: Any, vae_params: Any, latents_BxCxhxw: jax.Array) -> jax.Array:
+    """Images (B, H, W, 3) float32 in [0, 1]: ``clip(vae.decode(z / scaling) / 2 + 1/2, 0, 1)``."""
+    z = latents_BxCxhxw / vae.config.scaling_factor
+    images = vae.apply({"params": vae_params}, z, method=vae.decode).sample
+    images = jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
+    return jnp.transpose(images, (0, 2, 3, 1))
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+    """Host copy of ``tree`` with floating leaves in ``dtype`` (integer leaves unchanged)."""
+    def one(x):
+        x = np.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree_util.tree_map(one, tree)
+
+
+def load_model(gen_cfg: Any) -> SDModel:
+    """Load the diffusion model named by ``gen_cfg.backend`` (``sd`` or ``tiny_sd``).
+
+    Applies ``gen_cfg.memory_efficient_attention`` to the UNet. Raises :class:`GenerationError` for
+    missing folders, unreachable hubs and unusable weights.
     """
     dtype_name = str(gen_cfg.dtype)
     if dtype_name not in DTYPES:
         raise GenerationError(
             f"generation.dtype={dtype_name!r} is not supported; use one of {', '.join(DTYPES)}."
         )
-    if gen_cfg.backend == "tiny_sd":
-        return _tiny_pipeline(dtype_name)
-    if gen_cfg.backend == "sd":
-        return _load_sd(str(gen_cfg.model), str(gen_cfg.revision or ""), DTYPES[dtype_name])
-    raise GenerationError(
-        f"generation.backend={gen_cfg.backend!r} has no diffusion pipeline; use 'sd' or 'tiny_sd' "
-        "(real_holdout copies real images and loads no model)."
-    )
+    backend = str(gen_cfg.backend)
+    if backend not in BACKENDS or not BACKENDS[backend].diffusion:
+        raise GenerationError(
+            f"generation.backend={backend!r} has no diffusion model; use one of "
+            f"{', '.join(diffusion_backends())} (real_holdout copies real images and loads no model)."
+        )
+    if backend == "tiny_sd":
+        model = _tiny_model(dtype_name)
+    else:
+        model = _load_sd(str(gen_cfg.model), effective_revision(gen_cfg), DTYPES[dtype_name])
+    if bool(gen_cfg.get("memory_efficient_attention", False)):
+        model = dataclasses.replace(model, unet=model.unet.clone(use_memory_efficient_attention=True))
+    return model
 
 
 # --------------------------------------------------------------------------------------------
-# sd: pretrained pipeline from a local folder or the hub
+# sd: pretrained components from a local folder or the hub
 
 
 def _looks_local(model: str) -> bool:
@@ -117,6 +221,16 @@ def _looks_local(model: str) -> bool:
         return True
     parent = os.path.dirname(expanded)
     return bool(parent) and os.path.isdir(parent)  # a local path whose last part is missing
+
+
+def effective_revision(gen_cfg: Any) -> str:
+    """The revision actually loaded: ``bf16_revision`` for a bfloat16 hub model left on 'flax'."""
+    revision = str(gen_cfg.revision or "")
+    bf16 = str(gen_cfg.get("bf16_revision", "") or "")
+    if (str(gen_cfg.backend) == "sd" and str(gen_cfg.dtype) == "bfloat16" and bf16
+            and revision == FLAX_REVISION and not _looks_local(str(gen_cfg.model))):
+        return bf16
+    return revision
 
 
 def _hub_offline() -> bool:
@@ -142,7 +256,7 @@ def _hub_preflight(model: str, revision: str) -> None:
 
     try:
         cached = huggingface_hub.try_to_load_from_cache(
-            model, "model_index.json", revision=revision or None
+            model, "unet/config.json", revision=revision or None
         )
     except (hf_errors.HFValidationError, ValueError):
         raise GenerationError(
@@ -171,7 +285,8 @@ def _hub_preflight(model: str, revision: str) -> None:
     except hf_errors.RevisionNotFoundError:
         raise GenerationError(
             f"Hub model {model!r} has no revision {revision!r}; fix generation.revision (Flax "
-            "weights of SD v1.4 are on revision 'flax')."
+            "weights of SD v1.4 are on revisions 'flax' and 'bf16'), or set "
+            "generation.bf16_revision='' to load generation.revision."
         ) from None
     except Exception as exc:  # connection errors, timeouts, proxies: all mean "not reachable"
         raise _unreachable(
@@ -180,8 +295,22 @@ def _hub_preflight(model: str, revision: str) -> None:
         ) from None
 
 
-def _load_sd(model: str, revision: str, dtype: Any) -> tuple[Any, dict]:
-    pipeline_cls = _diffusers()[0]
+def _load_components(path: str, dtype: Any, kwargs: dict) -> SDModel:
+    """Each component with its own public ``from_pretrained`` (nothing else is downloaded)."""
+    from transformers import CLIPTokenizer, FlaxCLIPTextModel
+
+    _, unet_cls, vae_cls, scheduler_cls = _diffusers()
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
+    text_encoder, text_params = FlaxCLIPTextModel.from_pretrained(
+        path, subfolder="text_encoder", dtype=dtype, _do_init=False, **kwargs)
+    unet, unet_params = unet_cls.from_pretrained(path, subfolder="unet", dtype=dtype, **kwargs)
+    vae, vae_params = vae_cls.from_pretrained(path, subfolder="vae", dtype=dtype, **kwargs)
+    schedule = dict(scheduler_cls.load_config(path, subfolder="scheduler", **kwargs))
+    params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
+    return SDModel(tokenizer, text_encoder, unet, vae, schedule, _cast(params, dtype), dtype)
+
+
+def _load_sd(model: str, revision: str, dtype: Any) -> SDModel:
     local = _looks_local(model)
     kwargs: dict[str, Any] = {}
     if local:
@@ -202,9 +331,7 @@ def _load_sd(model: str, revision: str, dtype: Any) -> tuple[Any, dict]:
         if revision:
             kwargs["revision"] = revision
     try:
-        pipe, params = pipeline_cls.from_pretrained(
-            path, dtype=dtype, safety_checker=None, feature_extractor=None, **kwargs
-        )
+        return _load_components(path, dtype, kwargs)
     except GenerationError:
         raise
     except Exception as exc:
@@ -218,11 +345,10 @@ def _load_sd(model: str, revision: str, dtype: Any) -> tuple[Any, dict]:
         raise _unreachable(model, revision, why) from None
     finally:
         _silence_flax_deprecation()
-    return pipe, dict(params)
 
 
 # --------------------------------------------------------------------------------------------
-# tiny_sd: a small random pipeline built in code
+# tiny_sd: a small random model built in code
 
 
 def _tiny_tokenizer():
@@ -242,7 +368,7 @@ def _tiny_tokenizer():
 
 
 def _random_params(shapes: Any, seed: int) -> dict:
-    """Deterministic random parameters for a tree of ShapeDtypeStructs (numpy, no XLA compile).
+    """Deterministic random float32 parameters for a tree of ShapeDtypeStructs (numpy, no compile).
 
     Initialising the tiny UNet/VAE through JAX costs about a minute of XLA compilation on CPU; the
     shapes come from ``jax.eval_shape`` instead and the values from a fixed numpy seed: norm
@@ -265,28 +391,27 @@ def _random_params(shapes: Any, seed: int) -> dict:
         else:
             fan_in = int(np.prod(spec.shape[:-1])) or 1
             value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), spec.shape)
-        out[path] = jnp.asarray(value, dtype=spec.dtype)
+        out[path] = value.astype(spec.dtype)
     return unflatten_dict(out)
 
 
-@functools.lru_cache(maxsize=4)
-def _tiny_pipeline(dtype_name: str) -> tuple[Any, dict]:
-    """Build the tiny pipeline once per dtype; parameters come from a fixed seed (deterministic)."""
+@functools.lru_cache(maxsize=1)
+def _tiny_float32() -> tuple[Any, Any, Any, Any, dict]:
+    """Modules (float32) and float32 parameters of the tiny model, built once per process."""
     from transformers import CLIPTextConfig, FlaxCLIPTextModel
 
-    pipeline_cls, unet_cls, vae_cls, scheduler_cls = _diffusers()
-    dtype = DTYPES[dtype_name]
+    _, unet_cls, vae_cls, _ = _diffusers()
     tokenizer = _tiny_tokenizer()
     unet = unet_cls(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4,
         out_channels=4, cross_attention_dim=32, attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), dtype=dtype,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     )
     vae = vae_cls(
         in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, dtype=dtype,
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1,
     )
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=37,
@@ -294,15 +419,7 @@ def _tiny_pipeline(dtype_name: str) -> tuple[Any, dict]:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text_encoder = FlaxCLIPTextModel(text_config, seed=_TINY_SEED, dtype=dtype, _do_init=False)
-    scheduler = scheduler_cls(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False,
-    )
-    pipe = pipeline_cls(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, dtype=dtype,
-    )
+    text_encoder = FlaxCLIPTextModel(text_config, seed=_TINY_SEED, _do_init=False)
     key = jax.random.PRNGKey(_TINY_SEED)
     shapes = {
         "unet": jax.eval_shape(unet.init_weights, key),
@@ -314,59 +431,49 @@ def _tiny_pipeline(dtype_name: str) -> tuple[Any, dict]:
     params = {
         name: _random_params(tree, _TINY_SEED + i) for i, (name, tree) in enumerate(shapes.items())
     }
-    params["scheduler"] = scheduler.create_state()
     _silence_flax_deprecation()
-    return pipe, params
+    return tokenizer, text_encoder, unet, vae, params
 
 
-def save_tiny_pipeline(path: str, dtype: str = "float32") -> str:
-    """Write the tiny pipeline with ``save_pretrained`` to ``path``; the ``sd`` backend loads it."""
-    pipe, params = _tiny_pipeline(dtype)
-    pipe.save_pretrained(path, params=params)
+@functools.lru_cache(maxsize=4)
+def _tiny_model(dtype_name: str) -> SDModel:
+    """The tiny model computing in ``dtype_name`` (parameters cast from the float32 ones)."""
+    from transformers import FlaxCLIPTextModel
+
+    tokenizer, text_encoder, unet, vae, params = _tiny_float32()
+    dtype = DTYPES[dtype_name]
+    text_encoder = FlaxCLIPTextModel(text_encoder.config, seed=_TINY_SEED, dtype=dtype,
+                                     _do_init=False)
+    return SDModel(tokenizer, text_encoder, unet.clone(dtype=dtype), vae.clone(dtype=dtype),
+                   dict(SD_V1_SCHEDULE), _cast(params, dtype), dtype)
+
+
+def save_tiny_pipeline(path: str) -> str:
+    """Write the tiny model (float32) with diffusers' ``save_pretrained``; ``sd`` loads the folder."""
+    pipeline_cls, _, _, scheduler_cls = _diffusers()
+    tokenizer, text_encoder, unet, vae, params = _tiny_float32()
+    scheduler = scheduler_cls(**{k: v for k, v in SD_V1_SCHEDULE.items() if k != "clip_sample"})
+    pipe = pipeline_cls(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None,
+    )
+    pipe.save_pretrained(path, params={**params, "scheduler": scheduler.create_state()})
+    _silence_flax_deprecation()
     return path
 
 
-# --------------------------------------------------------------------------------------------
-# what the sampler calls (all diffusers specifics stay here)
+def diffusers_pipeline(model: SDModel, scheduler: str = "pndm") -> tuple[Any, dict]:
+    """diffusers' own ``FlaxStableDiffusionPipeline`` over the same components (benchmarks only)."""
+    import diffusers
 
-
-def tokenize(pipe: Any, prompts: Sequence[str]) -> np.ndarray:
-    """Token ids (len(prompts), max_length) int32, padded to max_length and truncated."""
-    ids = pipe.tokenizer(
-        list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-        truncation=True, return_tensors="np",
-    ).input_ids
-    return np.asarray(ids, dtype=np.int32)
-
-
-def latent_shape(pipe: Any, resolution: int) -> tuple[int, int, int]:
-    """Shape of one image's initial latent, channels first, for a square ``resolution`` image."""
-    factor = pipe.vae_scale_factor
-    if resolution % factor:
-        raise GenerationError(
-            f"generation.resolution={resolution} is not a multiple of the VAE down-sampling factor "
-            f"{factor}; pick a multiple of {factor}."
-        )
-    return (int(pipe.unet.config.in_channels), resolution // factor, resolution // factor)
-
-
-def generate_images(
-    pipe: Any,
-    params: dict,
-    prompt_ids: jax.Array,
-    uncond_ids: jax.Array,
-    latents: jax.Array,
-    *,
-    num_inference_steps: int,
-    guidance_scale: float,
-    resolution: int,
-) -> jax.Array:
-    """Denoise ``latents`` (b, C, h, w) conditioned on ``prompt_ids`` and decode to images.
-
-    Traceable per-device function (the sampler pmaps it). Returns float32 images in [0, 1], NHWC.
-    """
-    images = pipe._generate(
-        prompt_ids, params, jax.random.PRNGKey(0), num_inference_steps, resolution, resolution,
-        float(guidance_scale), latents, uncond_ids,
+    _silence_flax_deprecation()
+    pipeline_cls = _diffusers()[0]
+    cls = {"pndm": diffusers.FlaxPNDMScheduler, "ddim": diffusers.FlaxDDIMScheduler,
+           "dpm_solver": diffusers.FlaxDPMSolverMultistepScheduler}[scheduler]
+    sched = cls.from_config(model.scheduler_config)
+    pipe = pipeline_cls(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=sched, safety_checker=None, feature_extractor=None, dtype=model.dtype,
     )
-    return images.astype(jnp.float32)
+    _silence_flax_deprecation()
+    return pipe, {**model.params, "scheduler": sched.create_state()}

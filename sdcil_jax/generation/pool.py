@@ -7,20 +7,21 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
-from tqdm import tqdm
 
 from sdcil_jax.errors import GenerationError
 from sdcil_jax.fileio import atomic_write
-from sdcil_jax.generation import pipeline as sd
+from sdcil_jax.generation.backends import BACKENDS
+from sdcil_jax.generation.engine import ClassJob, Engine
+from sdcil_jax.generation.pipeline import effective_revision, load_model
 from sdcil_jax.generation.prompts import prompts_for_indices
-from sdcil_jax.generation.sampler import Sampler
 from sdcil_jax.generation.store import ReplayStore
 
 log = logging.getLogger(__name__)
 
 # Bump when the recipe that turns (settings, class, index) into pixels changes.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: own sampler (mesh + shard_map, aligned micro-batches, on-device uint8)
 PREVIEW_TILE = 64  # minimum tile size in pixels (nearest-neighbour upscaling)
 
 
@@ -57,18 +58,22 @@ def fingerprint_fields(
         "backend": str(gen_cfg.backend),
         "image_shape": [int(v) for v in image_shape],
     }
-    if gen_cfg.backend != "real_holdout":
+    backend = BACKENDS.get(str(gen_cfg.backend))
+    if backend is not None and backend.diffusion:
         fields.update(
             dtype=str(gen_cfg.dtype),
             prompt_templates=[str(t) for t in gen_cfg.prompt_templates],
             class_names=_names_field(class_names),
+            scheduler=str(gen_cfg.get("scheduler", "pndm")),
             num_inference_steps=int(gen_cfg.num_inference_steps),
             guidance_scale=float(gen_cfg.guidance_scale),
             resolution=int(gen_cfg.resolution),
+            batch_per_device=int(gen_cfg.batch_per_device),  # the micro-batch changes bf16 pixels
+            memory_efficient_attention=bool(gen_cfg.get("memory_efficient_attention", False)),
             seed=int(seed),
         )
-        if gen_cfg.backend == "sd":  # tiny_sd is built in code: model and revision do not apply
-            fields.update(model=str(gen_cfg.model), revision=str(gen_cfg.revision or ""))
+        if backend.pretrained:  # tiny_sd is built in code: model and revision do not apply
+            fields.update(model=str(gen_cfg.model), revision=effective_revision(gen_cfg))
     fields.update(dict(extra or {}))
     return fields
 
@@ -98,14 +103,20 @@ def generate_replay_pool(
     real_images_fn: Callable[[int], np.ndarray] | None = None,
     progress: bool = True,
     fingerprint_extra: Mapping[str, Any] | None = None,
+    devices: Sequence[Any] | None = None,
 ) -> ReplayStore:
     """Make sure ``store_dir`` holds ``gen_cfg.per_class`` images of every class in ``class_ids``.
 
     Classes whose shard is already complete are skipped, so a killed run resumes where it stopped.
     Backend ``real_holdout`` stores ``real_images_fn(c)[:per_class]`` (held-out real images, no
-    model loaded); ``sd``/``tiny_sd`` load the pipeline once and generate images 0..per_class-1 of
-    each class. Ends by writing ``preview.png`` into the store. Returns the opened
+    model loaded); ``sd``/``tiny_sd`` load the model once and generate images 0..per_class-1 of
+    each class with one :class:`~sdcil_jax.generation.engine.Engine` over ``devices`` (default: all
+    devices of all processes). Ends by writing ``preview.png`` into the store. Returns the opened
     :class:`ReplayStore`.
+
+    With several processes (``jax.process_count() > 1``) every process must call this with the same
+    arguments: process 0 reads the store and decides what to generate, all processes run the
+    steps, process 0 writes the shards; ``store_dir`` must be on a filesystem all processes see.
     """
     names = _names_map(class_names)
     class_ids = [int(c) for c in class_ids]
@@ -115,20 +126,53 @@ def generate_replay_pool(
             f"No class name for class id(s) {unnamed[:10]}; pass the dataset's full id -> name "
             "mapping as class_names."
         )
+    backend = BACKENDS.get(str(gen_cfg.backend))
+    if backend is None:
+        raise GenerationError(
+            f"generation.backend={gen_cfg.backend!r} is not one of {', '.join(BACKENDS)}; pick one "
+            "of those."
+        )
     per_class = int(gen_cfg.per_class)
     fields = fingerprint_fields(
         gen_cfg, seed=seed, class_names=names, image_shape=image_shape, extra=fingerprint_extra
     )
-    store = ReplayStore(store_dir).open_or_create(fields)
-    todo = [c for c in class_ids if not store.is_complete(c, per_class)]
-    log.info("Replay store %s: %d of %d classes complete, %d to do.", store.directory,
-             len(class_ids) - len(todo), len(class_ids), len(todo))
-    if gen_cfg.backend == "real_holdout":
-        _fill_real(store, todo, per_class, image_shape, real_images_fn)
-    elif todo:
-        _fill_generated(store, gen_cfg, seed, todo, names, per_class, image_shape, progress)
+    lead = jax.process_index() == 0
+    store, plan, old = None, None, {}
+    if lead:
+        try:
+            store = ReplayStore(store_dir).open_or_create(fields)
+            todo = [c for c in class_ids if not store.is_complete(c, per_class)]
+            log.info("Replay store %s: %d of %d classes complete, %d to do.", store.directory,
+                     len(class_ids) - len(todo), len(class_ids), len(todo))
+            if backend.real_images:
+                _fill_real(store, todo, per_class, image_shape, real_images_fn)
+                plan = []
+            else:
+                plan, old = _plan(store, todo, per_class)
+        except BaseException:
+            _agree_on_plan(None, per_class)  # releases the other processes, then fails here
+            raise
+    plan = _agree_on_plan(plan, per_class)
+    if plan:
+        _fill_generated(store, gen_cfg, seed, plan, old, names, image_shape, progress, devices)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("sdcil_jax replay pool written")
+    if not lead:
+        return _open_shared(store_dir)
     write_preview(store, class_ids, int(gen_cfg.preview_per_class))
     return store
+
+
+def _open_shared(store_dir: str) -> ReplayStore:
+    store = ReplayStore(store_dir)
+    if not os.path.exists(store.manifest_path):
+        raise GenerationError(
+            f"Process {jax.process_index()} cannot see the replay store that process 0 wrote to "
+            f"{store.directory}; put generation.store_dir on a filesystem shared by all processes."
+        )
+    return store.open()
 
 
 def _fill_real(store, todo, per_class, image_shape, real_images_fn) -> None:
@@ -152,36 +196,72 @@ def _existing_images(store: ReplayStore, class_id: int) -> tuple[np.ndarray | No
     return images, {int(i) for i in indices}
 
 
-def _fill_generated(store, gen_cfg, seed, todo, names, per_class, image_shape, progress) -> None:
-    pipe, params = sd.load_pipeline(gen_cfg)
-    sampler = Sampler(pipe, params, gen_cfg, seed)
-    plan = []
+def _agree_on_plan(plan: list[tuple[int, list[int]]] | None, per_class: int):
+    """Process 0's plan [(class, missing indices)] in every process (None there = it failed).
+
+    Every process must run the same global steps; process 0 alone reads the store, so it decides.
+    """
+    if jax.process_count() == 1:
+        return plan
+    from jax.experimental import multihost_utils
+
+    lead = jax.process_index() == 0
+    count = np.asarray(len(plan) if (lead and plan is not None) else -1, np.int64)
+    count = int(multihost_utils.broadcast_one_to_all(count))
+    if count == 0:
+        return []
+    if count < 0:
+        if lead:
+            return None
+        raise GenerationError(
+            "Replay generation failed on process 0 (see its log for the reason); fix that and rerun "
+            "all processes."
+        )
+    classes = np.zeros((count,), np.int64)
+    mask = np.zeros((count, per_class), bool)
+    if lead:
+        for row, (c, missing) in enumerate(plan):
+            classes[row] = c
+            mask[row, missing] = True
+    classes, mask = multihost_utils.broadcast_one_to_all((classes, mask))
+    return [(int(c), [int(i) for i in np.flatnonzero(m)]) for c, m in zip(classes, mask, strict=True)]
+
+
+def _plan(store: ReplayStore, todo: Sequence[int], per_class: int):
+    """[(class, missing indices)] and {class: (kept images, their indices)} of valid small shards."""
+    plan, old = [], {}
     for c in todo:
         old_images, have = _existing_images(store, c)
-        missing = [i for i in range(per_class) if i not in have]
-        plan.append((c, old_images, sorted(have), missing))
-    total = sum(len(p[3]) for p in plan)
-    bar = tqdm(total=total, unit="img", desc="generating replay", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        for c, old_images, have, missing in plan:
-            bar.set_postfix_str(f"class {c}")
-            chunks = []
-            for start in range(0, len(missing), sampler.batch_size):
-                idx = missing[start:start + sampler.batch_size]
-                prompts = prompts_for_indices(names[c], gen_cfg.prompt_templates, idx)
-                chunks.append(sampler.generate(c, prompts, idx, image_shape))
-                bar.update(len(idx))
-            images = np.concatenate(chunks) if chunks else np.zeros((0, *image_shape), np.uint8)
-            indices = np.asarray(missing, dtype=np.int64)
-            if old_images is not None and len(have):
-                images = np.concatenate([old_images, images])
-                indices = np.concatenate([np.asarray(have, np.int64), indices])
-            prompts = prompts_for_indices(names[c], gen_cfg.prompt_templates,
-                                          range(len(gen_cfg.prompt_templates)))
-            store.write_shard(c, images, indices, class_name=names[c], prompts=prompts)
-    finally:
-        bar.close()
+        if old_images is not None and have:
+            old[c] = (old_images, sorted(have))
+        plan.append((c, [i for i in range(per_class) if i not in have]))
+    return plan, old
+
+
+def _fill_generated(store, gen_cfg, seed, plan, old, names, image_shape, progress, devices) -> None:
+    lead = jax.process_index() == 0
+    model = load_model(gen_cfg)
+    engine = Engine(model, gen_cfg, seed, devices=devices)
+    templates = list(gen_cfg.prompt_templates)
+    all_prompts = {c: tuple(prompts_for_indices(names[c], templates, range(len(templates))))
+                   for c, _ in plan}
+    jobs = [ClassJob(c, all_prompts[c], tuple(missing)) for c, missing in plan]
+
+    def write(class_id: int, images: np.ndarray, indices: np.ndarray) -> None:
+        if not lead:
+            return  # process 0 writes the store; the others only ran their share of the steps
+        if class_id in old:
+            old_images, have = old[class_id]
+            images = np.concatenate([old_images, images])
+            indices = np.concatenate([np.asarray(have, np.int64), indices])
+        store.write_shard(class_id, images, indices, class_name=names[class_id],
+                          prompts=list(all_prompts[class_id]))
+
+    stats = engine.run(jobs, image_shape, write, progress=progress)
+    if stats["images"]:
+        log.info("Generated %d images in %.1f s (%.2f images/s; %d steps of %d devices x %d).",
+                 stats["images"], stats["wall_s"], stats["images"] / max(stats["wall_s"], 1e-9),
+                 stats["steps"], engine.n_devices, engine.per_device)
 
 
 def write_preview(store: ReplayStore, class_ids: Sequence[int], per_class: int) -> str | None:
