@@ -10,12 +10,6 @@ import jax
 import jax.numpy as jnp
 
 
-def normalise(images_u8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-    """``(x / 255 - mean) / std`` per channel; (B,H,W,C) uint8 -> float32."""
-    x = images_u8.astype(jnp.float32) / 255.0
-    return (x - mean) / std
-
-
 def _crop_one(image: jax.Array, key: jax.Array, pad: int) -> jax.Array:
     height, width, _ = image.shape
     padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))

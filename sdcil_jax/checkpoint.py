@@ -172,10 +172,6 @@ class Checkpointer:
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
-
     # -- save --
     def save(self, step_id: int, *, state: Any, memory: Mapping[int, Any],
              progress: Mapping[str, Any], metrics: Any, old: Any = None,

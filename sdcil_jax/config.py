@@ -161,10 +161,6 @@ def _leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def valid_keys() -> list[str]:
-    return sorted(_leaves(base_config()))
-
-
 def _did_you_mean(key: str, schema: Any) -> str:
     """`` (did you mean train.epochs?)`` for the closest valid key, or ''."""
     close = difflib.get_close_matches(key, sorted(schema), n=1)

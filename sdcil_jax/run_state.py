@@ -60,8 +60,12 @@ class Position:
 class Saver:
     """Checkpoints of one run (``checkpointer`` may be None: nothing is saved or restored)."""
 
-    def __init__(self, checkpointer, logger, guard: PreemptionGuard | None, timer: SaveTimer):
+    def __init__(self, checkpointer, logger, guard: PreemptionGuard | None, timer: SaveTimer,
+                 board=None):
+        from sdcil_jax.tensorboard import Board
+
         self.ckpt, self.logger, self.timer = checkpointer, logger, timer
+        self.board = board if board is not None else Board("", enabled=False)
         self.guard = guard or PreemptionGuard()
         self.position = Position()
         self._wall_before = 0.0
@@ -128,6 +132,7 @@ class Saver:
         state = TaskState(params=restored.state.params, batch_stats=restored.state.batch_stats,
                           memory=memory, old=old, results=list(restored.metrics["per_task"]))
         self.logger.truncate(position.metrics_lines)
+        self.board.resume(position.global_step)
         self.timer.reset(position.global_step)
         print(f"resuming from checkpoint {position.save}: {position.describe()}", flush=True)
         return state, position, restored.state

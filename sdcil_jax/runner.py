@@ -205,8 +205,11 @@ def train(exp: Experiment, checkpointer, guard: PreemptionGuard, progress: bool 
     from sdcil_jax.task import TaskRunner
 
     cfg = exp.config
+    from sdcil_jax.tensorboard import Board
+
     saver = Saver(checkpointer, reporting.MetricsLogger(exp.workdir), guard,
-                  SaveTimer(cfg.checkpoint.every_minutes, cfg.checkpoint.every_steps))
+                  SaveTimer(cfg.checkpoint.every_minutes, cfg.checkpoint.every_steps),
+                  Board(exp.workdir))
     runner = TaskRunner(exp, saver, progress)
     restored = saver.restore(runner.state_template, runner.mesh)
     first, resume = 0, None
@@ -223,6 +226,7 @@ def train(exp: Experiment, checkpointer, guard: PreemptionGuard, progress: bool 
             resume = None
     finally:
         guard.deferred = False
+        saver.board.close()
     results = reporting.summarise(exp, state.results, wall_time_s=saver.wall_time(),
                                   norm=(runner.mean.tolist(), runner.std.tolist()))
     reporting.write_results(exp.workdir, results)

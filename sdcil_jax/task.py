@@ -72,7 +72,7 @@ class TaskRunner:
         if phase == "task_done":
             return jax.eval_shape(lambda: train_lib.TrainState(
                 step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=()))
-        tx = self._optimizer(phase == "finetune", 1, 1)
+        tx, _ = self._optimizer(phase == "finetune", 1, 1)
         make = train_lib.init_head_state if phase == "finetune" else train_lib.init_state
         return jax.eval_shape(lambda: make(params, stats, tx))
 
@@ -89,6 +89,12 @@ class TaskRunner:
         method = self.method(t)
         task_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), t)
         pool = self._pool(t)
+        preview = min(cfg.generation.preview_per_class, cfg.synthetic.per_class)
+        if resume is None and preview > 0 and self.exp.store is not None:
+            old_classes = [c for k in range(t) for c in sc.task_classes(k)]
+            x, y = pool_lib.synthetic_images(self.exp.store, old_classes, 0, preview,
+                                             sc.relabel, self.exp.dataset.image_shape)
+            self.saver.board.samples(x, y, self.saver.position.global_step, per_class=preview)
         state = dataclasses.replace(state, params=dict(state.params), memory=dict(state.memory))
         if cfg.synthetic.replace_memory:
             synth_y = pool.labels[pool.synth_lo:pool.synth_hi]
@@ -122,6 +128,8 @@ class TaskRunner:
                       train_time_s=round(time.perf_counter() - clock, 2))
         state.results = [*state.results, result]
         self.saver.logger.log({"event": "task", **result})
+        self.saver.board.task(result, [r["task_accuracies"] for r in state.results],
+                              self.saver.position.global_step)
         reporting.print_task_line(result, sc.num_tasks)
         if method.needs_old_model:
             state.old = parallel.put_replicated(
@@ -153,12 +161,15 @@ class TaskRunner:
         return method.grow_head(state.params["head"], head_key, end - start, feats)
 
     def _optimizer(self, finetune: bool, steps: int, steps_per_epoch: int):
+        """``(optax transform, lr at step t)`` of a stage."""
         c = self.exp.config
         lr = c.method.finetune_lr if finetune else c.train.lr
         # Finetuning: constant lr (the official finetuning has no scheduler), same SGD otherwise.
         schedule = "constant" if finetune else c.train.schedule
-        return train_lib.make_optimizer(lr, c.train.momentum, c.train.weight_decay, steps, schedule,
-                                        steps_per_epoch)
+        tx = train_lib.make_optimizer(lr, c.train.momentum, c.train.weight_decay, steps, schedule,
+                                      steps_per_epoch)
+        lr_fn = train_lib.lr_schedule(lr, schedule, steps, steps_per_epoch)
+        return tx, (lr_fn if callable(lr_fn) else lambda step: lr)
 
     def _stage(self, state: TaskState, method, stage: str, indices, pool, key, t: int,
                synth_batch: int, resume: tuple[Position, Any] | None) -> TaskState:
@@ -166,7 +177,8 @@ class TaskRunner:
         stream = stream_lib.train_stream(self.exp.config, pool, indices, task=t, finetune=finetune,
                                          synth_batch=synth_batch, mesh=self.mesh)
         epochs = method.finetune_epochs() if finetune else self.exp.config.train.epochs
-        tx = self._optimizer(finetune, epochs * stream.steps_per_epoch, stream.steps_per_epoch)
+        spe = stream.steps_per_epoch
+        tx, lr_fn = self._optimizer(finetune, epochs * spe, spe)
         make = train_lib.make_finetune_step if finetune else train_lib.make_train_step
         step_fn = jax.jit(make(self.backbone, method, tx, stream, self.mean, self.std),
                           donate_argnums=(0,))
@@ -180,7 +192,9 @@ class TaskRunner:
         train_state = parallel.put_replicated(train_state, self.mesh)
 
         def log_epoch(epoch, means):
-            self.saver.logger.log({"event": stage, "task": t, "epoch": epoch, **means})
+            lr = float(lr_fn(epoch * spe))
+            self.saver.logger.log({"event": stage, "task": t, "epoch": epoch, **means, "lr": lr})
+            self.saver.board.epoch(stage, means, lr, self.saver.position.global_step)
 
         def after_step(train_state, epoch, done, sums):
             self.saver.after_step(state, Position(task=t, phase=stage, epoch=epoch, step=done,

@@ -57,6 +57,42 @@ def test_quickstart_cli_writes_results(tmp_path):
         assert (workdir / name).exists(), name
     events = [json.loads(line)["event"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert events.count("task") == 2 and "train" in events and "finetune" in events
+    # TensorBoard events (tensorboardX) read back with a plain TFRecord reader.
+    scalars = read_scalars(workdir / "tensorboard")
+    for tag in ("accuracy/cnn", "accuracy/nme", "accuracy/new", "train/loss", "train/lr",
+                "finetune/loss", "train/pod_spatial"):
+        assert tag in scalars, (tag, sorted(scalars))
+    cnn = [v for _, v in sorted(scalars["accuracy/cnn"])]
+    assert cnn == pytest.approx([r["cnn_accuracy"] for r in results["per_task"]], abs=1e-4)
+    assert len(scalars["accuracy/old"]) == 1  # defined from the second task on
+    images = read_tags(workdir / "tensorboard", "image")
+    assert {"accuracy_matrix", "replay/samples"} <= images
+
+
+def _records(logdir: Path):
+    """Every Event in the TFRecord files of ``logdir`` (length, crc, data, crc framing)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            length = int.from_bytes(data[pos:pos + 8], "little")
+            yield Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+
+
+def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    for event in _records(logdir):
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def read_tags(logdir: Path, kind: str) -> set[str]:
+    return {v.tag for e in _records(logdir) for v in e.summary.value if v.HasField(kind)}
 
 
 ARMS = {

@@ -20,8 +20,6 @@ from sdcil_jax.data import tfds_io
 from sdcil_jax.data.sources import ArraySource
 from sdcil_jax.errors import DataError
 
-PIPELINES = ("auto", "device", "host")
-
 
 @dataclasses.dataclass
 class Split:

@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn.cluster import KMeans
 
 Array = Any
 Params = dict[str, Any]
@@ -190,6 +189,8 @@ def kmeans_imprint(
     Raises:
       ValueError: a class without features (the task loop checks this earlier, with a message).
     """
+    from sklearn.cluster import KMeans  # imported here: sklearn takes seconds to import
+
     k = proxies_per_class
     out = []
     for feats in features_by_class:
