@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sdcil_jax import __version__
+from sdcil_jax import __version__, distributed, fileio
 from sdcil_jax import checkpoint_files as files
 from sdcil_jax.checkpoint_files import (
     FILE_LIST,
@@ -139,7 +139,8 @@ class Checkpointer:
                  fingerprint_fields: Mapping[str, Any]):
         if int(keep) < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        directory = os.fspath(directory)
+        self.directory = os.path.abspath(directory) if fileio.is_local(directory) else directory
         self.keep = int(keep)
         self.fields = canonical(dict(fingerprint_fields))
         self.fingerprint = fingerprint_of(self.fields)
@@ -149,7 +150,7 @@ class Checkpointer:
     # -- lifecycle --
     def _open(self) -> ocp.CheckpointManager:
         try:
-            os.makedirs(self.directory, exist_ok=True)
+            fileio.path(self.directory).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CheckpointError(f"Cannot create checkpoint folder {self.directory} "
                                   f"({exc.strerror}); choose a writable --workdir.") from None
@@ -214,7 +215,9 @@ class Checkpointer:
         if not saved:
             raise RuntimeError(f"orbax skipped checkpoint {step_id} in {self.directory}")
         folder = os.path.join(self.directory, str(step_id))
-        files.write_file_list(folder)
+        if distributed.is_main():
+            files.write_file_list(folder)
+        distributed.barrier(f"sdcil-checkpoint-saved-{step_id}")
         self.last_save_seconds = time.perf_counter() - start
         return folder
 
@@ -232,22 +235,29 @@ class Checkpointer:
         template.
         """
         bad = []
-        for step in reversed(self.steps()):
-            try:
+        for step in reversed(self.steps()):  # the same list in every process (shared folder)
+            raw, error = None, None
+            try:  # every process reads: orbax's restore is collective
                 raw = self._read(step)
             except CheckpointMismatchError:
                 raise
-            except Exception as exc:  # anything unreadable: fall back to the previous checkpoint
+            except Exception as exc:  # anything unreadable: fall back to the previous one
+                error = exc
+            (unreadable,) = distributed.agree_max([error is not None])
+            if not unreadable:
+                restored = self._fit(step, raw, state_template, old_template)
+                if bad:
+                    log.warning("Resuming from checkpoint %d in %s instead of unreadable "
+                                "checkpoint(s) %s.", step, self.directory, ", ".join(map(str, bad)))
+                return restored
+            if distributed.is_main():  # one process moves it aside, then everybody looks again
                 moved = self._quarantine(step)
+                reason = files.one_line(error) if error is not None else "unreadable elsewhere"
                 log.warning("Checkpoint %d in %s is unreadable (%s); moved it to %s and trying "
-                            "the previous one.", step, self.directory, files.one_line(exc), moved)
-                bad.append(step)
-                continue
-            restored = self._fit(step, raw, state_template, old_template)
-            if bad:
-                log.warning("Resuming from checkpoint %d in %s instead of unreadable checkpoint(s) "
-                            "%s.", step, self.directory, ", ".join(map(str, bad)))
-            return restored
+                            "the previous one.", step, self.directory, reason, moved)
+            distributed.barrier(f"sdcil-checkpoint-quarantined-{step}")
+            self._manager.reload()
+            bad.append(step)
         if bad:
             log.warning("No readable checkpoint left in %s (unreadable ones moved to %s.corrupt); "
                         "starting from scratch.", self.directory, self.directory)
@@ -303,11 +313,10 @@ class Checkpointer:
 
     def _quarantine(self, step: int) -> str:
         """Move checkpoint ``step`` to ``<directory>.corrupt/<step>-<time>``; return where."""
-        source = os.path.join(self.directory, str(step))
+        source = fileio.path(self.directory) / str(step)
         target = files.free_path(os.path.join(f"{self.directory}.corrupt", f"{step}-{files.stamp()}"))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.rename(source, target)
-        self._manager.reload()
+        fileio.path(target).parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
         return target
 
     # -- compatibility --
@@ -349,10 +358,12 @@ class Checkpointer:
         """
         self._manager.close()
         moved = None
-        if os.path.isdir(self.directory) and os.listdir(self.directory):
+        root = fileio.path(self.directory)
+        if distributed.is_main() and root.is_dir() and list(root.iterdir()):
             moved = files.free_path(f"{self.directory}.old-{files.stamp()}")
-            os.rename(self.directory, moved)
+            root.rename(moved)
             log.warning("Moved the previous checkpoints of %s to %s (restart).", self.directory,
                         moved)
+        moved = distributed.broadcast_text(moved)
         self._manager = self._open()
         return moved

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from sdcil_jax import fileio
 from sdcil_jax.errors import UserError
 from sdcil_jax.fingerprint import dumps
 
@@ -65,47 +66,45 @@ def json_digest(obj: Any) -> str:
     return hashlib.blake2b(dumps(obj).encode("utf-8"), digest_size=20).hexdigest()
 
 
-def file_digest(path: str) -> str:
+def file_digest(path) -> str:
     digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
+    with fileio.path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def list_files(folder: str) -> list[str]:
-    """Every file of the items (orbax's own step metadata files are left out)."""
+def list_files(folder) -> list[str]:
+    """Every file of the items (orbax's own step metadata files are left out), relative paths."""
+    root = fileio.path(folder)
     out = []
     for item in ITEMS:
-        for root, _, names in os.walk(os.path.join(folder, item)):
-            out.extend(os.path.relpath(os.path.join(root, name), folder) for name in names)
+        base = root / item
+        if base.exists():
+            for folder, _, names in base.walk():
+                out.extend(os.fspath((folder / n).relative_to(root)) for n in names)
     return sorted(out)
 
 
-def write_file_list(folder: str) -> None:
+def write_file_list(folder) -> None:
     """Write ``folder/sdcil_files.json`` (size and digest of every file) atomically."""
-    files = {rel: [os.path.getsize(os.path.join(folder, rel)), file_digest(os.path.join(folder, rel))]
-             for rel in list_files(folder)}
-    tmp = os.path.join(folder, "." + FILE_LIST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(files, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, FILE_LIST))
+    root = fileio.path(folder)
+    files = {rel: [(root / rel).stat().length, file_digest(root / rel)] for rel in list_files(root)}
+    fileio.atomic_write_text(root / FILE_LIST, json.dumps(files, sort_keys=True))
 
 
-def check_file_list(folder: str) -> None:
+def check_file_list(folder) -> None:
     """Raise ValueError if a file listed in ``sdcil_files.json`` is missing or changed."""
-    path = os.path.join(folder, FILE_LIST)
-    if not os.path.exists(path):
+    root = fileio.path(folder)
+    listing = root / FILE_LIST
+    if not listing.exists():
         return  # killed between the save and the list: the item checksums still apply
-    with open(path, encoding="utf-8") as f:
-        files = json.load(f)
+    files = json.loads(listing.read_text())
     for rel, (size, digest) in sorted(files.items()):
-        full = os.path.join(folder, rel)
-        if not os.path.isfile(full):
+        full = root / rel
+        if not full.is_file():
             raise ValueError(f"file {rel} is missing")
-        if os.path.getsize(full) != size or file_digest(full) != digest:
+        if full.stat().length != size or file_digest(full) != digest:
             raise ValueError(f"file {rel} does not match its checksum")
 
 
@@ -137,7 +136,7 @@ def stamp() -> str:
 
 def free_path(path: str) -> str:
     candidate, n = path, 1
-    while os.path.exists(candidate):
+    while fileio.path(candidate).exists():
         candidate, n = f"{path}-{n}", n + 1
     return candidate
 

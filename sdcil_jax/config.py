@@ -132,6 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
         every_minutes=5.0,  # save inside a task at most this often (and at every task end)
         every_steps=0,  # if > 0, also save every this many steps
         keep=3,  # checkpoints kept (older ones are deleted)
+        # With several processes, how often (in steps) they agree on saving / stopping (a tiny
+        # all-gather; a signal is acted on within this many steps).
+        sync_every_steps=10,
     )
     c.train = dict(
         epochs=160,
@@ -216,7 +219,8 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
         "generation.resolution", "generation.batch_per_device", "generation.per_class",
         "scenario.initial_increment", "scenario.increment", "model.width",
         "method.proxies_per_class", "method.finetune_lr",
-        "checkpoint.keep", "dataset.workers", "dataset.image_size", "dataset.test_resize",
+        "checkpoint.keep", "checkpoint.sync_every_steps", "dataset.workers", "dataset.image_size",
+        "dataset.test_resize",
     ]
     for key in positive:
         section, name = key.split(".")

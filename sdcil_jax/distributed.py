@@ -7,7 +7,7 @@ are collective. This module holds what the rest of the code needs for that:
   computation (on Cloud TPU and SLURM JAX finds the cluster itself); on CPU it selects the gloo
   collectives, so a multi-process run can be tested on one machine.
 * :func:`is_main`: process 0 prints, logs and writes results, plots, metrics and TensorBoard.
-* :func:`agree_any`, :func:`broadcast`, :func:`barrier`: decisions that every process must take
+* :func:`agree_max`, :func:`broadcast`, :func:`barrier`: decisions that every process must take
   together (save now, stop now, which checkpoint to resume, a file moved aside), so that no process
   ever waits alone in a collective.
 * :func:`gather_rows`: a batch-sharded array as one host array on every process.
@@ -64,15 +64,16 @@ def multi() -> bool:
     return jax.process_count() > 1
 
 
-def agree_any(flags: Sequence[bool]) -> list[bool]:
-    """Element-wise OR of ``flags`` over all processes (the same answer everywhere)."""
-    local = np.asarray([bool(f) for f in flags], np.int32)
+def agree_max(values: Sequence[int]) -> list[int]:
+    """Element-wise maximum of ``values`` over all processes (the same answer everywhere); e.g.
+    ``[signal number or 0, save due]`` so that one process's SIGTERM stops every process."""
+    local = np.asarray([int(v) for v in values], np.int64)
     if not multi():
-        return [bool(f) for f in local]
+        return [int(v) for v in local]
     from jax.experimental import multihost_utils
 
     every = np.asarray(multihost_utils.process_allgather(local))
-    return [bool(f) for f in every.reshape(-1, len(local)).max(axis=0)]
+    return [int(v) for v in every.reshape(-1, len(local)).max(axis=0)]
 
 
 def broadcast(value: Any) -> Any:
@@ -99,3 +100,16 @@ def gather_rows(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def broadcast_text(text: str | None) -> str | None:
+    """Process 0's string (or None) on every process."""
+    if not multi():
+        return text
+    data = np.frombuffer(("" if text is None else "\x01" + text).encode("utf-8"), np.uint8)
+    length = int(broadcast(np.int64(len(data))))
+    buf = np.zeros((length,), np.uint8)
+    if is_main():
+        buf[:] = data
+    out = bytes(np.asarray(broadcast(buf), np.uint8)).decode("utf-8") if length else ""
+    return out[1:] if out else None

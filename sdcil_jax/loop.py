@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from sdcil_jax import distributed
 from sdcil_jax.errors import UserError
 
 
@@ -56,12 +57,13 @@ def run_epochs(*, step_fn, state, old_vars, stream, task_key, epochs: int, task:
 
 def predict(eval_fn, params, batch_stats, batches: Iterable[tuple[Any, int]],
             feat_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and features over ``(images, n_valid)`` batches (padding rows dropped)."""
+    """Logits and features over ``(images, n_valid)`` batches (padding rows dropped), gathered from
+    every process (each process gets the whole result)."""
     logits, feats = [], []
     for images, n_valid in batches:
         lg, ft = eval_fn(params, batch_stats, images)
-        logits.append(np.asarray(lg)[:n_valid])
-        feats.append(np.asarray(ft)[:n_valid])
+        logits.append(distributed.gather_rows(lg)[:n_valid])
+        feats.append(distributed.gather_rows(ft)[:n_valid])
     if not logits:
         return np.zeros((0, 0), np.float32), np.zeros((0, feat_dim), np.float32)
     return np.concatenate(logits), np.concatenate(feats)

@@ -45,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start training over in a workdir whose checkpoints were made with "
                         "another config (they are moved aside, not deleted)")
     parser.add_argument("--list-keys", action="store_true", help="print every config key and exit")
+    multi = parser.add_argument_group(
+        "many hosts", "one run over several processes (TPU pod slice, GPU nodes): every process "
+        "runs the same command; see the README section 'Many hosts'")
+    multi.add_argument("--distributed", action="store_true",
+                       help="start jax.distributed and let JAX find the cluster (Cloud TPU, SLURM)")
+    multi.add_argument("--coordinator_address", default=None,
+                       help="HOST:PORT of process 0 (or $SDCIL_COORDINATOR_ADDRESS)")
+    multi.add_argument("--num_processes", type=int, default=None,
+                       help="number of processes (or $SDCIL_NUM_PROCESSES)")
+    multi.add_argument("--process_id", type=int, default=None,
+                       help="this process's index, 0..num_processes-1 (or $SDCIL_PROCESS_ID)")
     return parser
 
 
@@ -55,7 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
 
     from sdcil_jax import config as config_lib
+    from sdcil_jax import distributed
     from sdcil_jax.errors import UserError
+
+    try:  # before any computation: JAX's multi-controller runtime
+        distributed.initialize(distributed=args.distributed,
+                               coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: jax.distributed could not start ({str(exc).splitlines()[0]}); check "
+              "--coordinator_address / --num_processes / --process_id (or the cluster's "
+              "environment) and that every process runs the same command.", file=sys.stderr)
+        return 2
 
     if args.list_keys:
         for key, value in sorted(config_lib._leaves(config_lib.base_config()).items()):
@@ -78,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         from sdcil_jax.runner import run
 
         try:
-            run(config, os.path.abspath(args.workdir), mode=args.mode,
+            workdir = args.workdir if "://" in args.workdir else os.path.abspath(args.workdir)
+            run(config, workdir, mode=args.mode,
                 progress=not args.no_progress, restart=args.restart)
         except Preempted as exc:
             print(f"stopped: {exc}", file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import sys
 import time
@@ -14,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from sdcil_jax import config as config_lib
+from sdcil_jax import distributed, fileio
 from sdcil_jax import evaluate as ev
-from sdcil_jax.fileio import atomic_write_text
+from sdcil_jax.fingerprint import to_json
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "diffusers", "transformers",
              "tensorflow-datasets", "numpy", "sdcil_jax")
@@ -32,50 +32,36 @@ def versions() -> dict[str, str]:
 
 
 class MetricsLogger:
-    """Appends one JSON object per line to ``<workdir>/metrics.jsonl``."""
+    """Appends one JSON object per line to ``<workdir>/metrics.jsonl`` (process 0 only)."""
 
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.path = fileio.path(workdir) / "metrics.jsonl"
+        self.enabled = distributed.is_main() if enabled is None else enabled
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_plain(record)) + "\n")
-            f.flush()
+        if self.enabled:
+            fileio.append_line(self.path, json.dumps(to_json(record)))
 
     def count(self) -> int:
         """Complete lines written so far."""
-        if not os.path.exists(self.path):
+        if not self.enabled or not self.path.exists():
             return 0
-        with open(self.path) as f:
-            return sum(1 for line in f if line.endswith("\n"))
+        return sum(1 for line in self.path.read_text().splitlines(keepends=True)
+                   if line.endswith("\n"))
 
     def start_fresh(self) -> None:
         """A run with no checkpoint to resume: keep an old log (moved aside), never append to it."""
-        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+        if self.enabled and self.path.exists() and self.path.stat().length > 0:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            os.replace(self.path, self.path.replace(".jsonl", f".old-{stamp}.jsonl"))
+            self.path.replace(self.path.with_name(f"metrics.old-{stamp}.jsonl"))
 
     def truncate(self, lines: int) -> None:
         """Keep the first ``lines`` complete lines (on resume, drop what the checkpoint lacks)."""
-        if not os.path.exists(self.path):
+        if not self.enabled or not self.path.exists():
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.endswith("\n")][:lines]
-        atomic_write_text(self.path, "".join(kept))
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():
-        return obj.item()
-    return obj
+        kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                if line.endswith("\n")][:lines]
+        fileio.atomic_write_text(self.path, "".join(kept))
 
 
 def summarise(exp, per_task, *, wall_time_s: float, norm) -> dict:
@@ -108,11 +94,12 @@ def summarise(exp, per_task, *, wall_time_s: float, norm) -> dict:
         "devices": [str(d) for d in __import__("jax").devices()],
         "wall_time_s": round(wall_time_s, 2),
     }
-    return _plain(results)
+    return to_json(results)
 
 
 def write_results(workdir: str, results: dict) -> None:
-    atomic_write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=2) + "\n")
+    fileio.atomic_write_text(fileio.path(workdir) / "results.json",
+                             json.dumps(results, indent=2) + "\n")
     write_plots(workdir, results)
 
 
@@ -136,7 +123,7 @@ def write_plots(workdir: str, results: dict) -> None:
     ax.legend()
     ax.set_title(f"{results['config']['method']['name']} on {results['dataset']['name']}")
     fig.tight_layout()
-    _save_fig(fig, os.path.join(workdir, "accuracy_per_task.png"))
+    _save_fig(fig, fileio.path(workdir) / "accuracy_per_task.png")
     plt.close(fig)
 
     n = len(results["accuracy_matrix"])
@@ -153,14 +140,12 @@ def write_plots(workdir: str, results: dict) -> None:
     ax.set_ylabel("after training task")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    _save_fig(fig, os.path.join(workdir, "accuracy_matrix.png"))
+    _save_fig(fig, fileio.path(workdir) / "accuracy_matrix.png")
     plt.close(fig)
 
 
-def _save_fig(fig, path: str) -> None:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+def _save_fig(fig, target) -> None:
+    fileio.atomic_write(target, lambda f: fig.savefig(f, dpi=100, format="png"))
 
 
 def _fmt(v) -> str:

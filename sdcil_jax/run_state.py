@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sdcil_jax import parallel
+from sdcil_jax import distributed, parallel
 from sdcil_jax import train as train_lib
 from sdcil_jax.checkpoint import SaveTimer
 from sdcil_jax.preemption import Preempted, PreemptionGuard
@@ -61,13 +61,14 @@ class Saver:
     """Checkpoints of one run (``checkpointer`` may be None: nothing is saved or restored)."""
 
     def __init__(self, checkpointer, logger, guard: PreemptionGuard | None, timer: SaveTimer,
-                 board=None):
+                 board=None, sync_every: int = 10):
         from sdcil_jax.tensorboard import Board
 
         self.ckpt, self.logger, self.timer = checkpointer, logger, timer
         self.board = board if board is not None else Board("", enabled=False)
         self.guard = guard or PreemptionGuard()
         self.position = Position()
+        self.sync_every = max(1, int(sync_every))
         self._wall_before = 0.0
         self._started = time.perf_counter()
 
@@ -96,19 +97,37 @@ class Saver:
         self.save(state, Position(task=task, phase="task_done"), done)
 
     def after_step(self, state: TaskState, position: Position, train_state) -> None:
-        """Count the step; save when the timer says so or a stop was requested; then stop."""
+        """Count the step; save when the timer says so or a stop was requested; then stop.
+
+        With several processes the decision is taken together every ``sync_every`` steps (a small
+        all-gather): a signal received by any process stops them all, at the same step, after one
+        collective save; the timer is process 0's clock.
+        """
         self.position.global_step += 1
-        stop = self.guard.requested is not None
-        if stop or self.timer.due(self.position.global_step):
+        step = self.position.global_step
+        if distributed.multi():
+            if step % self.sync_every:
+                return
+            due = self.timer.due(step) if distributed.is_main() else False
+            signum, due = distributed.agree_max([self.guard.requested or 0, due])
+        else:
+            signum, due = self.guard.requested or 0, self.timer.due(step)
+        if signum or due:
             self.save(state, position, train_state)
-        if stop:
-            self.stop_if_requested(f"in {position.describe()}")
+        if signum:
+            self._stop(signum, f"in {position.describe()}")
 
     def stop_if_requested(self, where: str) -> None:
-        signum = self.guard.requested
-        if signum is not None:
-            raise Preempted(f"Stopped by {signal.Signals(signum).name} {where}; a checkpoint was "
-                            "saved, rerun the same command to resume.", signum)
+        """Stop (every process) if any process received a stop signal; call it at the same point
+        in every process."""
+        (signum,) = distributed.agree_max([self.guard.requested or 0])
+        if signum:
+            self._stop(signum, where)
+
+    @staticmethod
+    def _stop(signum: int, where: str) -> None:
+        raise Preempted(f"Stopped by {signal.Signals(signum).name} {where}; a checkpoint was "
+                        "saved, rerun the same command to resume.", signum)
 
     def restore(self, template_fn, mesh) -> tuple[TaskState, Position, Any] | None:
         """The newest good checkpoint as ``(task state, position, train state)``, or None.
@@ -134,5 +153,6 @@ class Saver:
         self.logger.truncate(position.metrics_lines)
         self.board.resume(position.global_step)
         self.timer.reset(position.global_step)
-        print(f"resuming from checkpoint {position.save}: {position.describe()}", flush=True)
+        if distributed.is_main():
+            print(f"resuming from checkpoint {position.save}: {position.describe()}", flush=True)
         return state, position, restored.state

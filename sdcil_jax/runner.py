@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from sdcil_jax import config as config_lib
-from sdcil_jax import reporting
+from sdcil_jax import distributed, fileio, reporting
 from sdcil_jax.checkpoint import SaveTimer
 from sdcil_jax.data import (
     Dataset,
@@ -63,11 +63,11 @@ class Experiment:
 
 def check_workdir(workdir: str) -> None:
     try:
-        os.makedirs(workdir, exist_ok=True)
+        fileio.path(workdir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"Cannot create workdir {workdir} ({exc.strerror}); choose a writable "
-                        "--workdir.") from None
-    if not os.access(workdir, os.W_OK):
+        raise UserError(f"Cannot create workdir {workdir} ({exc.strerror or exc}); choose a "
+                        "writable --workdir.") from None
+    if fileio.is_local(workdir) and not os.access(workdir, os.W_OK):
         raise UserError(f"Workdir {workdir} is not writable; choose a writable --workdir.")
 
 
@@ -101,7 +101,7 @@ def prepare_experiment(config, workdir: str) -> Experiment:
     else:
         train_idx = np.arange(len(dataset.train.labels))
         holdout_idx = np.zeros((0,), np.int64)
-    store_dir = config.generation.store_dir or os.path.join(workdir, "replay_store")
+    store_dir = config.generation.store_dir or os.fspath(fileio.path(workdir) / "replay_store")
     return Experiment(config, workdir, dataset, scenario, np.asarray(train_idx),
                       np.asarray(holdout_idx), store_dir)
 
@@ -209,8 +209,9 @@ def train(exp: Experiment, checkpointer, guard: PreemptionGuard, progress: bool 
 
     saver = Saver(checkpointer, reporting.MetricsLogger(exp.workdir), guard,
                   SaveTimer(cfg.checkpoint.every_minutes, cfg.checkpoint.every_steps),
-                  Board(exp.workdir))
-    runner = TaskRunner(exp, saver, progress)
+                  Board(exp.workdir, enabled=distributed.is_main()),
+                  sync_every=cfg.checkpoint.sync_every_steps)
+    runner = TaskRunner(exp, saver, progress and distributed.is_main())
     restored = saver.restore(runner.state_template, runner.mesh)
     first, resume = 0, None
     if restored is None:
@@ -229,8 +230,9 @@ def train(exp: Experiment, checkpointer, guard: PreemptionGuard, progress: bool 
         saver.board.close()
     results = reporting.summarise(exp, state.results, wall_time_s=saver.wall_time(),
                                   norm=(runner.mean.tolist(), runner.std.tolist()))
-    reporting.write_results(exp.workdir, results)
-    reporting.print_table(results)
+    if distributed.is_main():
+        reporting.write_results(exp.workdir, results)
+        reporting.print_table(results)
     return results
 
 
@@ -246,13 +248,14 @@ def open_checkpointer(exp: Experiment, restart: bool):
                         fingerprint_fields=config_fields(exp.config, extra=extra))
     if restart:
         moved = ckpt.restart()
-        if moved:
+        if moved and distributed.is_main():
             for name in ("results.json", "metrics.jsonl", "accuracy_per_task.png",
-                         "accuracy_matrix.png"):
-                path = os.path.join(exp.workdir, name)
-                if os.path.exists(path):
-                    os.replace(path, os.path.join(moved, name))
+                         "accuracy_matrix.png", "tensorboard"):
+                path = fileio.path(exp.workdir) / name
+                if path.exists():
+                    path.rename(fileio.path(moved) / name)
             print(f"--restart: previous checkpoints and results moved to {moved}", flush=True)
+        distributed.barrier("sdcil-restart")
     else:
         ckpt.check_compatible()
     return ckpt

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdcil_jax import distributed, loop, parallel, reporting
 from sdcil_jax import evaluate as ev
-from sdcil_jax import loop, parallel, reporting
 from sdcil_jax import train as train_lib
 from sdcil_jax.data import memory as memory_lib
 from sdcil_jax.data import pool as pool_lib
@@ -130,7 +130,8 @@ class TaskRunner:
         self.saver.logger.log({"event": "task", **result})
         self.saver.board.task(result, [r["task_accuracies"] for r in state.results],
                               self.saver.position.global_step)
-        reporting.print_task_line(result, sc.num_tasks)
+        if distributed.is_main():
+            reporting.print_task_line(result, sc.num_tasks)
         if method.needs_old_model:
             state.old = parallel.put_replicated(
                 {"params": state.params, "batch_stats": state.batch_stats}, self.mesh)

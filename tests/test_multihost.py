@@ -1,0 +1,198 @@
+"""One run over several processes: JAX's multi-controller runtime on localhost (gloo collectives).
+
+Each test launches ``python -m sdcil_jax.main`` twice (2 processes x 2 CPU devices, rendezvous on a
+free localhost port through ``SDCIL_COORDINATOR_ADDRESS``) and compares with one process x 4 devices
+running the same command. Every launched process runs in its own session, is bounded by a timeout
+and is killed by its process group if the test fails, so a hang fails instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.py")
+SHORT = ["--config.scenario.max_tasks=2", "--config.train.epochs=2",
+         "--config.method.finetune_epochs=1", "--config.generation.per_class=8",
+         "--config.synthetic.per_class=8", "--config.dataset.holdout_per_class=8",
+         "--config.generation.num_inference_steps=2", "--no-progress"]
+RUN_TIMEOUT = 600
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tfds_dir: Path, devices: int) -> dict[str, str]:
+    env = dict(os.environ, TFDS_DATA_DIR=str(tfds_dir), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    for key in ("SDCIL_COORDINATOR_ADDRESS", "SDCIL_NUM_PROCESSES", "SDCIL_PROCESS_ID"):
+        env.pop(key, None)
+    return env
+
+
+def launch(workdir: Path, tfds_dir: Path, processes: int, extra=()) -> list[subprocess.Popen]:
+    """Start the CLI in ``processes`` processes (4 // processes devices each)."""
+    cmd = [sys.executable, "-m", "sdcil_jax.main", "--config", QUICKSTART, "--workdir",
+           str(workdir), *SHORT, *extra]
+    port = _free_port()
+    procs = []
+    for i in range(processes):
+        env = _env(tfds_dir, 4 // processes)
+        if processes > 1:
+            env.update(SDCIL_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                       SDCIL_NUM_PROCESSES=str(processes), SDCIL_PROCESS_ID=str(i))
+        log = open(workdir.parent / f"{workdir.name}.p{i}.log", "ab")  # noqa: SIM115
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    return procs
+
+
+def kill(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait(timeout=30)
+
+
+def wait(procs, timeout: float = RUN_TIMEOUT) -> list[int]:
+    """Exit codes of every process; kills them all and fails on a timeout (a hang)."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        kill(procs)
+        pytest.fail(f"processes still running after {timeout:.0f} s (a hang)")
+    finally:
+        kill(procs)
+
+
+def _log(workdir: Path, i: int = 0) -> str:
+    path = workdir.parent / f"{workdir.name}.p{i}.log"
+    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def run(workdir: Path, tfds_dir: Path, processes: int, extra=()) -> None:
+    codes = wait(launch(workdir, tfds_dir, processes, extra))
+    assert codes == [0] * processes, (codes, _log(workdir, 0), _log(workdir, 1))
+
+
+def metrics(workdir: Path) -> dict:
+    r = json.loads((workdir / "results.json").read_text())
+    rows = [{k: v for k, v in t.items() if not k.endswith("time_s")} for t in r["per_task"]]
+    return {"summary": [r[k] for k in ("avg_incremental_accuracy", "last_accuracy", "forgetting",
+                                       "accuracy_matrix", "nme_last_accuracy")], "per_task": rows}
+
+
+def log_records(workdir: Path) -> list[dict]:
+    out = []
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out.append({k: v for k, v in rec.items() if not k.endswith("time_s")})
+    return out
+
+
+def store_images(workdir: Path) -> dict[str, bytes]:
+    out = {}
+    for path in sorted((workdir / "replay_store").glob("class_*")):
+        with np.load(path) as data:
+            out[path.name] = data["images"].tobytes() + data["indices"].tobytes()
+    return out
+
+
+def _wait_for(predicate, procs, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if any(p.poll() is not None for p in procs):
+            kill(procs)
+            pytest.fail(f"a process ended before {what}")
+        time.sleep(0.2)
+    kill(procs)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _checkpoint_progress(workdir: Path) -> list[dict]:
+    out = []
+    for folder in (workdir / "checkpoints").glob("[0-9]*"):
+        path = folder / "progress" / "metadata"
+        if (folder / "sdcil_files.json").exists() and path.exists():
+            try:
+                out.append(json.loads(path.read_text()))
+            except ValueError:
+                pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tfds_dir):
+    """One process x 4 devices: the results every multi-process run must reproduce."""
+    workdir = tmp_path_factory.mktemp("ref") / "run"
+    run(workdir, tfds_dir, 1)
+    return workdir
+
+
+def test_two_processes_equal_one_process(reference, tfds_dir, tmp_path):
+    workdir = tmp_path / "run"
+    run(workdir, tfds_dir, 2)
+    assert metrics(workdir) == metrics(reference)
+    assert log_records(workdir) == log_records(reference)  # each record once, same values
+    assert store_images(workdir) == store_images(reference)
+    assert "average incremental accuracy" in _log(workdir, 0)
+    assert "average incremental accuracy" not in _log(workdir, 1)  # process 0 prints
+
+
+def test_sigterm_to_one_process_stops_both_then_resume(reference, tfds_dir, tmp_path):
+    """SIGTERM to process 1 only: both save together and exit 143 within 30 s; time-based saves
+    every step (every_minutes tiny) on the way never deadlock; the rerun finishes identically."""
+    workdir = tmp_path / "run"
+    extra = ["--config.checkpoint.every_minutes=0.00001", "--config.checkpoint.sync_every_steps=2"]
+    procs = launch(workdir, tfds_dir, 2, extra)
+    _wait_for(lambda: any(p["task"] == 1 and p["phase"] == "train"
+                          for p in _checkpoint_progress(workdir)), procs, RUN_TIMEOUT,
+              "a checkpoint inside task 2")
+    os.kill(procs[1].pid, signal.SIGTERM)
+    sent = time.monotonic()
+    codes = wait(procs, timeout=60)
+    assert time.monotonic() - sent < 30
+    assert codes == [143, 143], (codes, _log(workdir, 0), _log(workdir, 1))
+    run(workdir, tfds_dir, 2)
+    assert metrics(workdir) == metrics(reference)
+    assert log_records(workdir) == log_records(reference)
+
+
+def test_sigkill_of_one_process_then_rerun(reference, tfds_dir, tmp_path):
+    workdir = tmp_path / "run"
+    extra = ["--config.checkpoint.every_steps=3", "--config.checkpoint.sync_every_steps=1"]
+    procs = launch(workdir, tfds_dir, 2, extra)
+    _wait_for(lambda: any(p["task"] == 1 and p["phase"] == "train"
+                          for p in _checkpoint_progress(workdir)), procs, RUN_TIMEOUT,
+              "a checkpoint inside task 2")
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    kill(procs)  # process 0 would wait in a collective for its lost peer
+    run(workdir, tfds_dir, 2, extra)
+    assert metrics(workdir) == metrics(reference)
+    assert log_records(workdir) == log_records(reference)
