@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,7 +17,7 @@ def run_epochs(*, step_fn, state, old_vars, stream, task_key, epochs: int, task:
                start: tuple[int, int] = (0, 0), start_sums: dict[str, float] | None = None,
                log_fn: Callable[[int, dict[str, float]], None] | None = None,
                after_step: Callable[[Any, int, int, dict], None] | None = None,
-               progress: bool = True):
+               progress: bool = True, timing: dict[str, float] | None = None):
     """Run ``epochs`` epochs of ``stream`` through ``step_fn``; returns the final state.
 
     Starts at ``start = (epoch, step_in_epoch)`` (resume; ``start_sums`` are that epoch's partial
@@ -24,23 +25,49 @@ def run_epochs(*, step_fn, state, old_vars, stream, task_key, epochs: int, task:
     steps_done_in_epoch, sums)`` runs after every step (checkpoints, preemption); at the end of each
     epoch the means over its steps go to ``log_fn(epoch, means)``, and a non-finite loss stops the
     run with a :class:`UserError`.
+
+    ``timing`` (if given) receives, in seconds: ``compile`` (the first step call, which traces and
+    compiles), ``data`` (waiting for the stream's next batch), ``host`` (metric sums, hooks,
+    logging), ``sync`` (waiting for the devices at each epoch's end, for its metrics) and ``steps``
+    (the number of steps run). Step calls only dispatch work to the devices
+    (asynchronous), so ``data + host`` is the host time spent outside the compiled step.
     """
     spe = stream.steps_per_epoch
     first_epoch, first_step = start
     bar = tqdm(total=epochs * spe, initial=first_epoch * spe + first_step, desc=desc, unit="step",
                disable=not progress, dynamic_ncols=True, leave=False)
     sums: dict[str, Any] = dict(start_sums or {}) if first_step else {}
+    t = timing if timing is not None else {}
+    for key in ("compile", "data", "host", "sync", "steps"):
+        t.setdefault(key, 0.0)
+    clock = time.perf_counter
+    batches = stream.batches(first_epoch, first_step, epochs - first_epoch)
     try:
-        for epoch, step, batch in stream.batches(first_epoch, first_step, epochs - first_epoch):
+        while True:
+            tick = clock()
+            item = next(batches, None)
+            tock = clock()
+            t["data"] += tock - tick
+            if item is None:
+                break
+            epoch, step, batch = item
             state, metrics = step_fn(state, old_vars, stream.pool, batch, task_key)
+            tick = clock()
+            if not t["steps"]:
+                t["compile"] += tick - tock
+            t["steps"] += 1
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
             if after_step is not None:
                 after_step(state, epoch, step + 1, sums)
             if step + 1 < spe:
+                t["host"] += clock() - tick
                 continue
-            means = {k: float(v) / spe for k, v in sums.items()}
+            sync = clock()
+            means = {k: float(v) / spe for k, v in sums.items()}  # waits for the epoch's steps
+            t["sync"] += clock() - sync
+            tick += clock() - sync
             bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}", refresh=False)
             if not np.isfinite(means.get("loss", 0.0)):
                 raise UserError(
@@ -50,7 +77,9 @@ def run_epochs(*, step_fn, state, old_vars, stream, task_key, epochs: int, task:
             if log_fn is not None:
                 log_fn(epoch, means)
             sums = {}
+            t["host"] += clock() - tick
     finally:
+        batches.close()
         bar.close()
     return state
 

@@ -160,6 +160,25 @@ def print_task_line(result: dict, num_tasks: int) -> None:
           f"({result['train_time_s']:.1f}s)", flush=True)
 
 
+TIME_COLUMNS = (("imprint", "imprint"), ("train", "train"), ("finetune", "finetune"),
+                ("herding", "herding"), ("evaluate", "eval"), ("checkpoint", "ckpt"))
+
+
+def time_table(per_task: list[dict]) -> list[str]:
+    """Where each task's time went (seconds), and the share of the training stage the host spent
+    outside the compiled step (waiting for data, hooks, logging; compilation excluded)."""
+    head = ("| task | " + " | ".join(f"{name:>8}" for _, name in TIME_COLUMNS)
+            + " | outside step |")
+    lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
+    for r in per_task:
+        t = r.get("time_s") or {}
+        cells = " | ".join(f"{t.get(key, 0.0):8.1f}" for key, _ in TIME_COLUMNS)
+        share = t.get("train_outside_share")
+        share_text = "      -     " if share is None else f"{100 * share:11.1f}%"
+        lines.append(f"| {r['task'] + 1:4d} | {cells} | {share_text} |")
+    return lines
+
+
 def print_table(results: dict) -> None:
     head = "| task | classes |  CNN   |  NME   |  old   |  new   | synth. |"
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
@@ -167,6 +186,8 @@ def print_table(results: dict) -> None:
         lines.append(f"| {r['task'] + 1:4d} | {r['num_classes']:7d} | {_fmt(r['cnn_accuracy'])} | "
                      f"{_fmt(r['nme_accuracy'])} | {_fmt(r['old_accuracy'])} | "
                      f"{_fmt(r['new_accuracy'])} | {_fmt(r.get('synthetic_accuracy'))} |")
+    lines.append("")
+    lines.extend(time_table(results["per_task"]))
     lines.append("")
     lines.append(f"average incremental accuracy (CNN): {results['avg_incremental_accuracy']:.2f}")
     lines.append(f"last accuracy (CNN):                {results['last_accuracy']:.2f}")

@@ -68,6 +68,7 @@ class Saver:
         self.board = board if board is not None else Board("", enabled=False)
         self.guard = guard or PreemptionGuard()
         self.position = Position()
+        self.save_seconds = 0.0  # time spent writing checkpoints so far
         self.sync_every = max(1, int(sync_every))
         self._wall_before = 0.0
         self._started = time.perf_counter()
@@ -80,6 +81,7 @@ class Saver:
         position as the next checkpoint."""
         if self.ckpt is None:
             return
+        clock = time.perf_counter()
         position.save = self.position.save + 1
         position.global_step = self.position.global_step
         position.metrics_lines = self.logger.count()
@@ -90,6 +92,7 @@ class Saver:
                        metrics={"per_task": state.results}, old=state.old)
         self.position = position
         self.timer.reset(position.global_step)
+        self.save_seconds += time.perf_counter() - clock
 
     def save_task_end(self, state: TaskState, task: int) -> None:
         done = train_lib.TrainState(step=np.zeros((), np.int32), params=state.params,

@@ -24,7 +24,7 @@ from sdcil_jax.data import (
     load_dataset,
     resolve_pipeline,
 )
-from sdcil_jax.errors import ConfigError, UserError
+from sdcil_jax.errors import ConfigError, DataError, UserError
 from sdcil_jax.fingerprint import config_fields
 from sdcil_jax.methods import method_class
 from sdcil_jax.preemption import PreemptionGuard
@@ -102,8 +102,43 @@ def prepare_experiment(config, workdir: str) -> Experiment:
         train_idx = np.arange(len(dataset.train.labels))
         holdout_idx = np.zeros((0,), np.int64)
     store_dir = config.generation.store_dir or os.fspath(fileio.path(workdir) / "replay_store")
-    return Experiment(config, workdir, dataset, scenario, np.asarray(train_idx),
-                      np.asarray(holdout_idx), store_dir)
+    exp = Experiment(config, workdir, dataset, scenario, np.asarray(train_idx),
+                     np.asarray(holdout_idx), store_dir)
+    check_class_sizes(exp)
+    return exp
+
+
+def check_class_sizes(exp: Experiment) -> None:
+    """Refuse, before any training, a class with too few training images for the method.
+
+    Every class of the scenario needs at least one image; a class imprinted by k-means (PODNet,
+    every task after the first) needs ``method.proxies_per_class``; a method with an exemplar memory
+    needs ``memory.per_class`` (unless the memory is synthetic).
+    """
+    cfg, sc = exp.config, exp.scenario
+    method = method_class(cfg.method.name)
+    counts = np.bincount(sc.relabel(exp.dataset.train.labels[exp.train_idx]).clip(-1) + 1,
+                         minlength=sc.num_classes + 1)[1:]
+    first_task = set(sc.task_classes(0))
+    for inc, n in enumerate(counts[:sc.num_classes]):
+        dataset_id = int(sc.class_order[inc])
+        needs = [(1, "one image to train on", "use a dataset split that has it")]
+        if method.imprint and dataset_id not in first_task:
+            needs.append((cfg.method.proxies_per_class, "method.proxies_per_class="
+                          f"{cfg.method.proxies_per_class} for k-means imprinting",
+                          "lower method.proxies_per_class"))
+        if method.uses_memory and not cfg.synthetic.replace_memory:
+            needs.append((cfg.memory.per_class, f"memory.per_class={cfg.memory.per_class} "
+                          "exemplars", "lower memory.per_class"))
+        for need, what, fix in needs:
+            if n < need:
+                name = exp.dataset.class_names[dataset_id]
+                held = (f" after holding out dataset.holdout_per_class="
+                        f"{cfg.dataset.holdout_per_class}" if cfg.dataset.holdout_per_class else "")
+                raise DataError(
+                    f"Class {dataset_id} ({name!r}) has {int(n)} training images{held}, fewer than "
+                    f"the {need} needed ({what}); {fix}, lower dataset.holdout_per_class, or leave "
+                    "the class out of scenario.class_order.")
 
 
 def generate(exp: Experiment, progress: bool = True):

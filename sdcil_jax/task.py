@@ -10,6 +10,7 @@ next task's old model, save. Everything a task reads from the previous one is in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -27,6 +28,16 @@ from sdcil_jax.data import stream as stream_lib
 from sdcil_jax.methods import TaskInfo, get_method
 from sdcil_jax.models import build_backbone
 from sdcil_jax.run_state import Position, Saver, TaskState
+
+
+@contextlib.contextmanager
+def _timed(times: dict[str, float], key: str):
+    """Adds the seconds spent in the ``with`` block to ``times[key]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[key] = round(times.get(key, 0.0) + time.perf_counter() - start, 3)
 
 
 class TaskRunner:
@@ -104,14 +115,17 @@ class TaskRunner:
         seen_idx = np.flatnonzero((self.train_y >= 0) & (self.train_y < end))
         real_idx = method.real_indices(new_idx, memory_lib.memory_indices(state.memory, range(start)),
                                        seen_idx)
+        times: dict[str, float] = {}
         if resume is None:
-            state.params["head"] = self._grown_head(state, method, pool, t)
+            with _timed(times, "imprint"):
+                state.params["head"] = self._grown_head(state, method, pool, t)
         synth = cfg.synthetic.use_in != "none" and pool.synth_hi > pool.synth_lo
         synth_batch = (cfg.synthetic.batch_size or cfg.train.batch_size) if synth else 0
         if resume is None or resume[0].phase == "train":
             state = self._stage(state, method, "train", real_idx, pool, task_key, t, synth_batch,
-                                resume)
-            state = self._update_memory(state, method, pool, start, end)
+                                resume, times)
+            with _timed(times, "herding"):
+                state = self._update_memory(state, method, pool, start, end)
             resume = None
         if method.finetune_epochs() > 0:
             balanced = memory_lib.balanced_indices(state.memory, end, cfg.memory.per_class,
@@ -119,13 +133,16 @@ class TaskRunner:
             if cfg.synthetic.in_finetuning and not cfg.synthetic.replace_memory:
                 balanced = np.concatenate([balanced, np.arange(pool.synth_lo, pool.synth_hi)])
             state = self._stage(state, method, "finetune", balanced, pool,
-                                jax.random.fold_in(task_key, 1), t, 0, resume)
-            state = self._update_memory(state, method, pool, start, end)
-        result = self._evaluate(state, method, pool, t)
+                                jax.random.fold_in(task_key, 1), t, 0, resume, times)
+            with _timed(times, "herding"):
+                state = self._update_memory(state, method, pool, start, end)
+        with _timed(times, "evaluate"):
+            result = self._evaluate(state, method, pool, t)
         result.update(task=t, num_classes=end, new_classes=sc.task_classes(t),
                       train_images=int(len(real_idx)),
                       synthetic_images=int(pool.synth_hi - pool.synth_lo),
                       train_time_s=round(time.perf_counter() - clock, 2))
+        result["time_s"] = times
         state.results = [*state.results, result]
         self.saver.logger.log({"event": "task", **result})
         self.saver.board.task(result, [r["task_accuracies"] for r in state.results],
@@ -135,7 +152,11 @@ class TaskRunner:
         if method.needs_old_model:
             state.old = parallel.put_replicated(
                 {"params": state.params, "batch_stats": state.batch_stats}, self.mesh)
+        saved = self.saver.save_seconds
         self.saver.save_task_end(state, t)
+        times["checkpoint"] = round(times.get("checkpoint", 0.0)
+                                    + self.saver.save_seconds - saved, 3)
+        times["total"] = round(time.perf_counter() - clock, 3)
         self.saver.stop_if_requested(f"after task {t + 1}")
         return state
 
@@ -156,9 +177,7 @@ class TaskRunner:
             return method.init_head(head_key, self.feat_dim, end - start)
         feats = None
         if method.imprint:
-            eval_fn = self._eval_fn(method)
-            feats = [self._predict(eval_fn, state, pool, np.flatnonzero(self.train_y == c))[1]
-                     for c in range(start, end)]
+            feats = self._class_features(state, method, pool, range(start, end))
         return method.grow_head(state.params["head"], head_key, end - start, feats)
 
     def _optimizer(self, finetune: bool, steps: int, steps_per_epoch: int):
@@ -173,7 +192,13 @@ class TaskRunner:
         return tx, (lr_fn if callable(lr_fn) else lambda step: lr)
 
     def _stage(self, state: TaskState, method, stage: str, indices, pool, key, t: int,
-               synth_batch: int, resume: tuple[Position, Any] | None) -> TaskState:
+               synth_batch: int, resume: tuple[Position, Any] | None,
+               times: dict[str, float]) -> TaskState:
+        """One training stage ('train' or 'finetune'); adds its seconds to ``times``: the stage's
+        wall time, its compilation, checkpoints written during it, and ``<stage>_outside_share``,
+        the share of the stage (compilation and checkpoints excluded) that the host spent outside
+        the compiled step (waiting for batches, hooks, logging)."""
+        clock, saved = time.perf_counter(), self.saver.save_seconds
         finetune = stage == "finetune"
         stream = stream_lib.train_stream(self.exp.config, pool, indices, task=t, finetune=finetune,
                                          synth_batch=synth_batch, mesh=self.mesh)
@@ -201,30 +226,55 @@ class TaskRunner:
             self.saver.after_step(state, Position(task=t, phase=stage, epoch=epoch, step=done,
                                                   sums=sums), train_state)
 
+        timing: dict[str, float] = {}
         try:
             train_state = loop.run_epochs(
                 step_fn=step_fn, state=train_state, old_vars=state.old, stream=stream,
                 task_key=key, epochs=epochs, task=t, start=start, start_sums=sums,
                 desc=f"task {t + 1}/{self.exp.scenario.num_tasks} {stage}", log_fn=log_epoch,
-                after_step=after_step, progress=self.progress)
+                after_step=after_step, progress=self.progress, timing=timing)
         finally:
             stream.close()
         host = jax.device_get(train_state)
+        wall = time.perf_counter() - clock
+        ckpt = self.saver.save_seconds - saved
+        outside = max(timing["data"] + timing["host"] - ckpt, 0.0)
+        busy = max(wall - timing["compile"] - ckpt, 1e-9)
+        times[stage] = round(times.get(stage, 0.0) + wall, 3)
+        times[f"{stage}_compile"] = round(timing["compile"], 3)
+        times[f"{stage}_outside_share"] = round(min(outside / busy, 1.0), 4)
+        times["checkpoint"] = round(times.get("checkpoint", 0.0) + ckpt, 3)
         return dataclasses.replace(state, params=host.params, batch_stats=host.batch_stats)
 
+    def _class_features(self, state: TaskState, method, pool, classes) -> list[np.ndarray]:
+        """Features of every training image of each class in ``classes``: one predict pass."""
+        rows = [np.flatnonzero(self.train_y == c) for c in classes]
+        _, feats = self._predict(self._eval_fn(method), state, pool,
+                                 np.concatenate(rows) if rows else np.zeros((0,), np.int64))
+        return np.split(feats, np.cumsum([len(r) for r in rows])[:-1]) if rows else []
+
     def _update_memory(self, state: TaskState, method, pool, start: int, end: int) -> TaskState:
-        """Fixed memory per class: herding (or random) exemplars of the new classes."""
+        """Fixed memory per class: herding (on the device, every class at once) or random
+        exemplars of the new classes."""
         cfg = self.exp.config
         if not method.uses_memory or cfg.memory.per_class == 0:
             return state
-        eval_fn = self._eval_fn(method)
+        classes = list(range(start, end))
+        feats = self._class_features(state, method, pool, classes)
+        rows = [np.flatnonzero(self.train_y == c) for c in classes]
         memory = dict(state.memory)
-        for c in range(start, end):
-            idx_c = np.flatnonzero(self.train_y == c)
-            _, feats_c = self._predict(eval_fn, state, pool, idx_c)
-            pick = memory_lib.select_memory(feats_c, cfg.memory.per_class, cfg.memory.selection,
-                                            cfg.seed * 1000 + c)
-            memory[c] = idx_c[pick]
+        if cfg.memory.selection == "herding":
+            padded = np.zeros((len(classes), max(len(f) for f in feats), self.feat_dim), np.float32)
+            for i, f in enumerate(feats):
+                padded[i, :len(f)] = f
+            picks = memory_lib.herding_select_classes(padded, [len(f) for f in feats],
+                                                      cfg.memory.per_class)
+            for c, pick, idx_c in zip(classes, picks, rows, strict=True):
+                memory[c] = idx_c[pick[pick >= 0]]
+        else:
+            for c, f, idx_c in zip(classes, feats, rows, strict=True):
+                memory[c] = idx_c[memory_lib.select_memory(f, cfg.memory.per_class, "random",
+                                                           cfg.seed * 1000 + c)]
         return dataclasses.replace(state, memory=memory)
 
     # ------------------------------------------------------------------------------- evaluation

@@ -79,6 +79,8 @@ CASES = [
          "set it to 1 or more"),
     Case("normalisation-lengths", ("--config.dataset.mean=[0.5, 0.5]", "--config.dataset.std=[0.2]"),
          "must be lists of the same length", "both empty"),
+    Case("class-too-small", ("--config.memory.per_class=500",), "training images",
+         "lower memory.per_class", new_files=("work/*",)),
     Case("negative-memory", ("--config.memory.per_class=-1",), "memory.per_class must be >= 0",
          "set it to 0 or more"),
     Case("override-without-value", ("--config.train.epochs",), "override 'train.epochs'",

@@ -82,3 +82,66 @@ def balanced_indices(memory: dict[int, np.ndarray], num_classes: int, per_class:
             idx = np.sort(rng.choice(idx, size=per_class, replace=False))
         parts.append(idx)
     return np.concatenate(parts) if parts else np.zeros((0,), np.int64)
+
+
+def herding_select_classes(features_CxNxD, counts, m: int) -> np.ndarray:
+    """:func:`herding_select` of many classes at once, on the device (one jitted program).
+
+    Args:
+      features_CxNxD: (C, N, D) features, class c's first ``counts[c]`` rows valid (padding after).
+      counts: (C,) number of valid rows per class.
+      m: exemplars per class.
+
+    Returns:
+      (C, min(m, N)) int64 positions (into each class's rows) in selection order; the same rule as
+      :func:`herding_select` (float32 arithmetic), classes with fewer than m rows padded with -1.
+    """
+    import jax.numpy as jnp
+
+    x = jnp.asarray(features_CxNxD, jnp.float32)
+    counts = jnp.asarray(counts, jnp.int32)
+    m = min(int(m), x.shape[1])
+    return np.asarray(_herding_device(x, counts, m)).astype(np.int64)
+
+
+def _herding_one(x, n, m):
+    import jax
+    import jax.numpy as jnp
+
+    big = jnp.iinfo(jnp.int32).max
+    valid = jnp.arange(x.shape[0]) < n
+    x = x / (jnp.linalg.norm(x, axis=1, keepdims=True) + HERDING_EPS)
+    x = jnp.where(valid[:, None], x, 0.0)
+    mu = jnp.sum(x, axis=0) / jnp.maximum(n, 1).astype(x.dtype)
+    target = jnp.minimum(m, n)
+
+    def cond(carry):
+        _, _, picked, it = carry
+        return (picked < target) & (it < HERDING_MAX_ITERATIONS)
+
+    def body(carry):
+        w, rank, picked, it = carry
+        scores = jnp.where(valid, x @ w, -jnp.inf)
+        i = jnp.argmax(scores)
+        new = rank[i] == big
+        rank = rank.at[i].set(jnp.where(new, picked, rank[i]))
+        return w + mu - x[i], rank, picked + new.astype(jnp.int32), it + 1
+
+    rank0 = jnp.full((x.shape[0],), big, jnp.int32)
+    _, rank, _, _ = jax.lax.while_loop(cond, body, (mu, rank0, jnp.int32(0), jnp.int32(0)))
+    order = jnp.argsort(rank, stable=True)[:m]
+    return jnp.where(jnp.arange(m) < jnp.minimum(m, n), order, -1)
+
+
+def _herding_device(x, counts, m):
+    import functools
+
+    import jax
+
+    fn = _HERDING_CACHE.get(m)
+    if fn is None:
+        fn = _HERDING_CACHE[m] = jax.jit(jax.vmap(functools.partial(_herding_one, m=m)))
+    return fn(x, counts)
+
+
+_HERDING_CACHE: dict[int, object] = {}
