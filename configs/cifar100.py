@@ -19,6 +19,9 @@ Arguments after ``:`` (comma-separated ``key=value``, all optional; defaults mar
                              100 per class are taken out of training, so the pool has 100 per class)
   memory=real*|synthetic     exemplar memory: 20 real images per class (herding), or the first
                              ``per_class`` synthetic images of each old class instead (no real memory)
+  precision=float32*|bfloat16
+                             computation dtype of the network: bfloat16 on TPUs and recent GPUs
+                             (bf16 convolutions; float32 parameters, BN statistics and losses)
   per_class=N                synthetic images per old class used in training (default 500; at most
                              generation.per_class, so every arm can share one replay store)
 

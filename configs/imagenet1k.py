@@ -19,6 +19,9 @@ Arguments after ``:`` (comma-separated ``key=value``, all optional; defaults mar
                              SD v1.4 (Flax weights, bf16); the tiny offline random pipeline (smoke
                              runs: 64x64, 5 steps); or 100 held-out real training images per class
   memory=real*|synthetic     20 real exemplars per class (herding), or the synthetic images instead
+  precision=float32*|bfloat16
+                             computation dtype of the network: bfloat16 on TPUs and recent GPUs
+                             (bf16 convolutions; float32 parameters, BN statistics and losses)
   per_class=N                synthetic images per old class used in training (default 100)
 
 Defaults are PODNet's ImageNet protocol (docs/method.md): ResNet-18, LSC with 10 proxies, NCA margin

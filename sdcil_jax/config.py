@@ -34,6 +34,7 @@ _FIXED_CHOICES: dict[str, tuple[str, ...]] = {
     "memory.selection": ("herding", "random"),
     "generation.dtype": ("bfloat16", "float32", "float16"),
     "model.stem": ("podnet", "torchvision"),
+    "model.dtype": ("float32", "bfloat16"),
     "train.schedule": ("cosine_epoch", "cosine_step"),
 }
 
@@ -127,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
         width=16,  # resnet_digits only
         last_relu=False,
         stem="podnet",  # resnet18 only: 'podnet' (3x3/1 conv + max-pool, official) or 'torchvision'
+        # Computation dtype of convolutions and activations: 'bfloat16' for TPUs and recent GPUs
+        # (parameters, batch-norm statistics, features, classifier and losses stay float32).
+        dtype="float32",
     )
     c.checkpoint = dict(
         every_minutes=5.0,  # save inside a task at most this often (and at every task end)

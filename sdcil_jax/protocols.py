@@ -21,8 +21,10 @@ COMMON_CHOICES: dict[str, Sequence[str]] = {
     "generator": GENERATOR_CHOICES,
     "memory": MEMORY_CHOICES,
     "per_class": ("N",),
+    "precision": ("float32", "bfloat16"),
 }
-COMMON_DEFAULTS = {"synthetic": "both", "generator": "sd", "memory": "real", "per_class": ""}
+COMMON_DEFAULTS = {"synthetic": "both", "generator": "sd", "memory": "real", "per_class": "",
+                   "precision": "float32"}
 
 
 def parse_protocol_arg(arg: str, choices: Mapping[str, Sequence[str]],
@@ -101,3 +103,6 @@ def apply_generation(c, args: Mapping[str, str], *, per_class: int, holdout_per_
     c.synthetic.per_class = int(args["per_class"]) if args["per_class"] else c.generation.per_class
     c.synthetic.batch_size = synthetic_batch  # [ours] one synthetic batch the size of the real one
     c.synthetic.diagnostic_per_class = 0
+    # float32 is the official code's arithmetic (and what CPUs run fastest); on TPUs and recent
+    # GPUs choose precision=bfloat16: bf16 convolutions, float32 parameters, statistics and losses.
+    c.model.dtype = args["precision"]

@@ -1,5 +1,7 @@
 """The jitted data-parallel train step: 4 devices == 1 device on the same global batch."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,3 +69,38 @@ def test_step_changes_params_and_compiles_once():
     assert np.isfinite(metrics["loss"])
     assert int(state.step) == 3
     assert step._cache_size() == 1  # same shapes every step: one compilation
+
+
+def test_bfloat16_step_loss_close_to_float32():
+    """model.dtype=bfloat16: convolutions in bf16, float32 parameters, BN statistics and losses.
+    Stated tolerance: the PODNet step's loss within 2% (relative) of the float32 step's."""
+    from sdcil_jax.config import base_config as config_fn
+
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = config_fn()
+        cfg.model.name, cfg.model.dtype = "resnet_tiny", dtype
+        cfg.method.name = "podnet"
+        cfg.method.proxies_per_class = 3
+        backbone = build_backbone(cfg.model)
+        old_m = get_method(cfg, TaskInfo(task=0, num_old=0, num_new=2))
+        method = get_method(cfg, TaskInfo(task=1, num_old=2, num_new=2))
+        variables = backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
+        head = old_m.init_head(jax.random.PRNGKey(1), 32, 2)
+        old = {"params": {"backbone": variables["params"], "head": head},
+               "batch_stats": variables["batch_stats"]}
+        head = method.grow_head(head, jax.random.PRNGKey(2), 2, None)
+        params = {"backbone": variables["params"], "head": head}
+        tx = train_lib.make_optimizer(0.1, 0.9, 5e-4, 10)
+        state = train_lib.init_state(params, variables["batch_stats"], tx)
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.normal(size=(16, 16, 16, 3)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, 4, size=16), jnp.int32)
+        ones = jnp.ones((16,), jnp.float32)
+        step = functools.partial(train_lib.update, backbone, method, tx)
+        new_state, metrics = jax.jit(step)(state, old, x, y, ones, ones)
+        assert jax.tree.leaves(new_state.params)[0].dtype == jnp.float32
+        assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(new_state.batch_stats))
+        losses[dtype] = float(metrics["loss"])
+    assert np.isfinite(losses["bfloat16"])
+    assert abs(losses["bfloat16"] - losses["float32"]) <= 0.02 * abs(losses["float32"]), losses
