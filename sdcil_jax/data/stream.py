@@ -106,15 +106,35 @@ class DeviceStream:
         pass
 
 
-class HostStream:
+class DecodedBatches:
+    """Batches that arrive decoded and augmented (``real_image``, ``real_label`` and, with a
+    synthetic stream, ``synth_image``, ``synth_label``: uint8 / int32 global arrays); what
+    :class:`HostStream` yields, and what a benchmark can feed the step directly."""
+
+    def __init__(self, *, batch_size: int, synth_batch: int, use_in: str, mesh):
+        self.synth_batch, self.mesh = int(synth_batch), mesh
+        self.masks = sample_masks(use_in, int(batch_size), self.synth_batch)
+        self.pool = ()
+
+    def materialise(self, pool, batch, aug_key, synth_key):
+        del pool, aug_key, synth_key  # augmented on the host
+        x, y = batch["real_image"], batch["real_label"]
+        if self.synth_batch > 0:
+            x = jnp.concatenate([x, batch["synth_image"]])
+            y = jnp.concatenate([y, batch["synth_label"]])
+        x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(self.mesh))
+        return {"image": x.astype(jnp.float32) / 255.0, "label": y,
+                "cls_mask": jnp.asarray(self.masks[0]), "dist_mask": jnp.asarray(self.masks[1])}
+
+
+class HostStream(DecodedBatches):
     """ImageNet-size training stream (see the module docstring)."""
 
     def __init__(self, pool: TaskPool, indices: np.ndarray, *, batch_size: int, synth_batch: int,
                  use_in: str, seed: int, mesh, pipeline: dict[str, Any]):
         from sdcil_jax.data.host_pipeline import HostPipeline
 
-        self.synth_batch, self.mesh = int(synth_batch), mesh
-        self.masks = sample_masks(use_in, int(batch_size), self.synth_batch)
+        super().__init__(batch_size=batch_size, synth_batch=synth_batch, use_in=use_in, mesh=mesh)
         self.real = HostPipeline(pool.source, np.asarray(indices), batch_size=batch_size,
                                  train=True, seed=seed, mesh=mesh, **pipeline)
         self.synth = None
@@ -123,7 +143,6 @@ class HostStream:
                                       batch_size=self.synth_batch, train=True, seed=seed + 1,
                                       mesh=mesh, **pipeline)
         self.steps_per_epoch = self.real.steps_per_epoch
-        self.pool = ()
 
     def batches(self, epoch: int, step: int, num_epochs: int) -> Iterator[tuple[int, int, Any]]:
         spe = self.steps_per_epoch
@@ -148,16 +167,6 @@ class HostStream:
             real_it.close()
             if synth_it is not None:
                 synth_it.close()
-
-    def materialise(self, pool, batch, aug_key, synth_key):
-        del pool, aug_key, synth_key  # augmented on the host
-        x, y = batch["real_image"], batch["real_label"]
-        if self.synth_batch > 0:
-            x = jnp.concatenate([x, batch["synth_image"]])
-            y = jnp.concatenate([y, batch["synth_label"]])
-        x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(self.mesh))
-        return {"image": x.astype(jnp.float32) / 255.0, "label": y,
-                "cls_mask": jnp.asarray(self.masks[0]), "dist_mask": jnp.asarray(self.masks[1])}
 
     def close(self) -> None:
         self.real.close()
