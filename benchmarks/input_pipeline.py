@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sdcil_jax import augment as aug_lib  # noqa: E402
-from sdcil_jax.data.host_pipeline import HostPipeline, train_transform  # noqa: E402
+from sdcil_jax.data.host_pipeline import HostPipeline  # noqa: E402
+from sdcil_jax.data.transforms import train_transform  # noqa: E402
 
 DEFAULT_ASSUMED_RATE = 6800.0
 ASSUMPTION = """\

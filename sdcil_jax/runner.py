@@ -127,7 +127,7 @@ def generate(exp: Experiment, progress: bool = True):
     def real_images_fn(class_id: int) -> np.ndarray:
         rows = exp.holdout_idx[holdout_labels == class_id]
         if hasattr(ds, "train_source"):  # host pipeline: decode, resize + centre crop
-            from sdcil_jax.data.host_pipeline import eval_transform
+            from sdcil_jax.data.transforms import eval_transform
 
             side = ds.image_shape[0]
             return np.stack([eval_transform(ds.train_source[int(r)]["image"], image_size=side,

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from sdcil_jax.data import host_pipeline as hp
+from sdcil_jax.data import transforms as tf
 
 SIZE = 24  # output side used in the tests (small for speed)
 
@@ -164,20 +165,20 @@ def test_labels_map():
 def test_transform_shapes_and_determinism():
     rng = np.random.default_rng(0)
     for value in (_random_image(rng), _jpeg(_random_image(rng))):
-        out = hp.train_transform(value, np.random.default_rng(1), image_size=SIZE)
+        out = tf.train_transform(value, np.random.default_rng(1), image_size=SIZE)
         assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
-        again = hp.train_transform(value, np.random.default_rng(1), image_size=SIZE)
+        again = tf.train_transform(value, np.random.default_rng(1), image_size=SIZE)
         np.testing.assert_array_equal(out, again)
-        test = hp.eval_transform(value, image_size=SIZE, resize=28)
+        test = tf.eval_transform(value, image_size=SIZE, resize=28)
         assert test.shape == (SIZE, SIZE, 3) and test.dtype == np.uint8
-        np.testing.assert_array_equal(test, hp.eval_transform(value, image_size=SIZE, resize=28))
+        np.testing.assert_array_equal(test, tf.eval_transform(value, image_size=SIZE, resize=28))
 
 
 def test_test_transform_matches_resize_then_centre_crop():
     rng = np.random.default_rng(5)
     small = rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)
     image = np.asarray(Image.fromarray(small).resize((300, 200), Image.Resampling.BICUBIC))
-    out = hp.eval_transform(image, image_size=224, resize=256).astype(np.float32)
+    out = tf.eval_transform(image, image_size=224, resize=256).astype(np.float32)
     resized = Image.fromarray(image).resize((384, 256), Image.Resampling.BILINEAR)
     ref = np.asarray(resized)[16:240, 80:304].astype(np.float32)
     assert np.abs(out - ref).mean() < 1.0
@@ -186,12 +187,12 @@ def test_test_transform_matches_resize_then_centre_crop():
 def test_random_resized_crop_stays_in_bounds():
     for height, width in [(1, 1), (1, 50), (50, 1), (2, 3), (7, 5), (224, 224), (4000, 6000), (20000, 300)]:
         for i in range(200):
-            top, left, h, w = hp.random_resized_crop_box(height, width, np.random.default_rng(i))
+            top, left, h, w = tf.random_resized_crop_box(height, width, np.random.default_rng(i))
             assert 1 <= h <= height and 1 <= w <= width
             assert 0 <= top <= height - h and 0 <= left <= width - w
     # impossible scale: the centred fallback with the aspect ratio clamped to [3/4, 4/3]
-    assert hp.random_resized_crop_box(100, 400, np.random.default_rng(0), scale=(2, 3)) == (0, 133, 100, 133)
-    assert hp.random_resized_crop_box(80, 60, np.random.default_rng(0), scale=(2, 3)) == (0, 0, 80, 60)
+    assert tf.random_resized_crop_box(100, 400, np.random.default_rng(0), scale=(2, 3)) == (0, 133, 100, 133)
+    assert tf.random_resized_crop_box(80, 60, np.random.default_rng(0), scale=(2, 3)) == (0, 0, 80, 60)
 
 
 def test_tiny_huge_grayscale_and_odd_inputs_become_rgb():
@@ -215,32 +216,32 @@ def test_tiny_huge_grayscale_and_odd_inputs_become_rgb():
         Image.fromarray(gray),
     ]
     for i, value in enumerate(values):
-        train = hp.train_transform(value, np.random.default_rng(i), image_size=SIZE)
-        test = hp.eval_transform(value, image_size=SIZE, resize=28)
+        train = tf.train_transform(value, np.random.default_rng(i), image_size=SIZE)
+        test = tf.eval_transform(value, image_size=SIZE, resize=28)
         assert train.shape == test.shape == (SIZE, SIZE, 3)
         assert train.dtype == test.dtype == np.uint8
-    out = hp.eval_transform(gray, image_size=SIZE, resize=28)
+    out = tf.eval_transform(gray, image_size=SIZE, resize=28)
     np.testing.assert_array_equal(out[..., 0], out[..., 1])  # gray stays gray in RGB
     with pytest.raises(TypeError):
-        hp.to_pil_rgb(np.zeros((4, 4, 3), np.float32))
+        tf.to_pil_rgb(np.zeros((4, 4, 3), np.float32))
 
 
 def test_brightness_is_multiplicative_and_flip_flips():
     image = np.full((30, 30, 3), 100, np.uint8)
     factors = set()
     for i in range(50):
-        out = hp.train_transform(
+        out = tf.train_transform(
             image, np.random.default_rng(i), image_size=8, scale=(1, 1), ratio=(1, 1), flip=False
         )
         assert (out == out[0, 0, 0]).all()
         factors.add(int(out[0, 0, 0]))
-    assert min(factors) >= int(100 * (1 - hp.BRIGHTNESS)) and max(factors) <= int(100 * (1 + hp.BRIGHTNESS))
+    assert min(factors) >= int(100 * (1 - tf.BRIGHTNESS)) and max(factors) <= int(100 * (1 + tf.BRIGHTNESS))
     assert max(factors) - min(factors) > 30
     ramp = np.tile(np.arange(0, 240, 8, dtype=np.uint8)[None, :, None], (30, 1, 3))
     flips = 0
     for i in range(20):
         kw = dict(image_size=30, scale=(1, 1), ratio=(1, 1), brightness=0.0)
-        out = hp.train_transform(ramp, np.random.default_rng(i), **kw).astype(int)
+        out = tf.train_transform(ramp, np.random.default_rng(i), **kw).astype(int)
         flips += out[0, 0, 0] > out[0, -1, 0]
     assert 0 < flips < 20
 
@@ -277,7 +278,7 @@ def test_tfds_mock_imagenet2012_source():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=12):
         # Without TensorFlow the mock can only serve decoded images (numpy arrays of random sizes).
-        source = hp.tfds_source("imagenet2012", "train", decode=True)
+        source = tf.tfds_source("imagenet2012", "train", decode=True)
         pipe = _pipe(source, batch_size=4, workers=2)
         batches = _collect(pipe.iterate(num_epochs=1))
         reference = _collect(_pipe(source, batch_size=4, workers=1).iterate(num_epochs=1))

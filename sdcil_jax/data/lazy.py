@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sdcil_jax.data import datasets as ds_lib
-from sdcil_jax.data.host_pipeline import tfds_source
+from sdcil_jax.data.transforms import tfds_source
 from sdcil_jax.errors import DataError
 
 _CHUNK = 1024
