@@ -37,7 +37,7 @@ current ones and raises :class:`CheckpointMismatchError` naming the differing ke
 
 Fingerprint fields (:func:`fingerprint_fields`) are every config key except those in
 :data:`NON_RESULT_KEYS`, which cannot change any metric: where checkpoints, data and the replay
-store live on disk, how often checkpoints are written, the host pipeline's thread and prefetch
+store live on disk, how often checkpoints are written, the host pipeline's worker and prefetch
 counts (its batches do not depend on them, see :mod:`sdcil_jax.data.host_pipeline`) and the number
 of preview images. Keys that can change results even slightly are kept in: for example
 ``train.eval_batch_size`` changes the shapes XLA compiles for inference, so features (and hence the

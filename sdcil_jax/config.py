@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
         holdout_per_class=0,  # real training images per class kept out of training (real_holdout pool)
         class_names=[],  # overrides of readable class names for prompts: ["12=red bridge", ...]
         pipeline="auto",  # 'device' (uint8 pool on device), 'host' (decode+augment on host), 'auto'
-        workers=8,  # host pipeline decoding threads
+        workers=8,  # host pipeline: grain worker processes decoding images (0: in the main process)
         prefetch=2,  # host pipeline batches prefetched to the devices
         image_size=224,  # host pipeline: random-resized crop size (train) / centre crop (test)
         test_resize=256,  # host pipeline: shorter side before the centre crop at test time

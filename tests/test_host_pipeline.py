@@ -1,7 +1,12 @@
-"""The host input pipeline: determinism, sharding over processes, resume, transforms, device arrays."""
+"""The host input pipeline on grain: determinism, sharding over processes, resume, transforms, device
+arrays, worker processes."""
 
 import io
+import json
+import pickle
+import threading
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -9,6 +14,7 @@ from PIL import Image
 
 from sdcil_jax.data import host_pipeline as hp
 from sdcil_jax.data import transforms as tf
+from sdcil_jax.data.lazy import ArraySource, PoolSource
 
 SIZE = 24  # output side used in the tests (small for speed)
 
@@ -50,7 +56,7 @@ def _pipe(source, **kwargs) -> hp.HostPipeline:
         train=True,
         image_size=SIZE,
         test_resize=28,
-        workers=2,
+        workers=0,  # in-process: worker processes take seconds to start (one test below uses them)
         prefetch=2,
         seed=3,
         process_index=0,
@@ -66,18 +72,77 @@ SOURCE = _source(21)
 # --- determinism, processes, resume -------------------------------------------------------------
 
 
+def _direct_batches(source, *, train, seed, process_index, process_count, batch_size, epochs,
+                    indices=None):
+    """The batches the pipeline promises, computed with the pure transforms, image by image."""
+    indices = np.arange(len(source)) if indices is None else np.asarray(indices)
+    n, local = len(indices), batch_size // process_count
+    steps = n // batch_size if train else -(-n // batch_size)
+    out = []
+    for epoch in range(epochs):
+        order = indices[np.random.default_rng([seed, epoch]).permutation(n)] if train else indices
+        for step in range(steps):
+            images = np.zeros((local, SIZE, SIZE, 3), np.uint8)
+            labels, mask = np.zeros((local,), np.int32), np.zeros((local,), bool)
+            for i in range(local):
+                pos = step * batch_size + process_index * local + i
+                if pos >= n:
+                    continue
+                example = source[order[pos]]
+                if train:
+                    rng = np.random.default_rng([seed, epoch, pos])
+                    images[i] = tf.train_transform(example["image"], rng, image_size=SIZE)
+                else:
+                    images[i] = tf.eval_transform(example["image"], image_size=SIZE, resize=28)
+                labels[i], mask[i] = example["label"], True
+            out.append((images, labels, mask))
+    return out
+
+
 @pytest.mark.parametrize("train", [True, False])
-def test_same_batches_whatever_the_workers(train):
-    one = _collect(_pipe(SOURCE, workers=1, train=train).iterate(num_epochs=2))
-    three = _collect(_pipe(SOURCE, workers=3, prefetch=3, train=train).iterate(num_epochs=2))
-    inline = _collect(_pipe(SOURCE, workers=0, train=train).iterate(num_epochs=2))
-    _assert_same(one, three)
-    _assert_same(one, inline)
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_batches_are_the_pure_transforms_byte_for_byte(train, process_count):
+    for seed, process_index in [(3, 0), (11, process_count - 1)]:
+        pipe = _pipe(SOURCE, train=train, seed=seed, process_index=process_index,
+                     process_count=process_count)
+        got = _collect(pipe.iterate(num_epochs=2))
+        expected = _direct_batches(SOURCE, train=train, seed=seed, process_index=process_index,
+                                   process_count=process_count, batch_size=8, epochs=2)
+        for (images, labels, mask), (ref_images, ref_labels, ref_mask) in zip(got, expected, strict=True):
+            assert images.dtype == np.uint8 and labels.dtype == np.int32 and mask.dtype == np.bool_
+            assert images.tobytes() == ref_images.tobytes()
+            np.testing.assert_array_equal(labels, ref_labels)
+            np.testing.assert_array_equal(mask, ref_mask)
+        assert len(got) == 2 * (21 // 8 if train else 3)
     if train:
-        assert len(one) == 2 * (21 // 8)
-        assert not np.array_equal(one[0][0], one[2][0])  # epochs differ (order and augmentation)
-    else:
-        assert len(one) == 2 * 3
+        assert not np.array_equal(got[0][0], got[2][0])  # epochs differ (order and augmentation)
+
+
+def test_worker_processes_give_the_same_batches(monkeypatch):
+    """Two grain worker processes (spawned: the source is pickled into them) serve exactly the
+    in-process batches, with a PoolSource whose synthetic images reach the workers memory-mapped."""
+    from sdcil_jax.data import lazy
+
+    monkeypatch.setattr(lazy, "SHARE_BYTES", 1000)  # share the synthetic images through a file
+    rng = np.random.default_rng(4)
+    synth = rng.integers(0, 256, (6, 30, 30, 3), dtype=np.uint8)
+    pool = PoolSource(SOURCE, np.arange(1, 19), synth, np.arange(24) % 5)
+    # Training augmentation, and a padded last batch: 22 examples, 3 batches of 8 per epoch.
+    kw = dict(indices=np.arange(2, 24), labels_map=lambda k: k + 10, drop_remainder=False)
+    inline = _collect(_pipe(pool, **kw).iterate(num_epochs=2))
+    pipe = _pipe(pool, workers=2, **kw)
+    with pipe:
+        workers = _collect(pipe.iterate(num_epochs=2))
+    _assert_same(workers, inline)
+    assert len(workers) == 6 and workers[2][2].sum() == 6
+    assert pipe.state()["epoch"] == 2 and pipe.state()["step"] == 0
+    files = pool.__dict__["_array_files"]
+    assert set(files) == {"", "synth_images"}  # labels and rows are small: pickled as they are
+    copy = pickle.loads(pickle.dumps(pool))
+    assert isinstance(copy.synth_images, np.memmap) and copy[20]["label"] == pool[20]["label"]
+    np.testing.assert_array_equal(copy[20]["image"], pool[20]["image"])
+    small = pickle.loads(pickle.dumps(ArraySource(synth[:1, :10, :10], np.zeros(1))))  # 300 bytes
+    assert not isinstance(small.images, np.memmap)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -85,7 +150,7 @@ def test_two_processes_make_the_global_batch(train):
     whole = _collect(_pipe(SOURCE, train=train).iterate(num_epochs=2))
     parts = [
         _collect(
-            _pipe(SOURCE, train=train, process_index=p, process_count=2, workers=1 + p).iterate(num_epochs=2)
+            _pipe(SOURCE, train=train, process_index=p, process_count=2).iterate(num_epochs=2)
         )
         for p in range(2)
     ]
@@ -120,16 +185,47 @@ def test_resume_equals_the_uninterrupted_run():
                     break
             if len(got) == cut:
                 break
-        state = first.state()
-        assert state == {"epoch": cut // 2, "step": cut % 2}
-        second = _pipe(SOURCE, workers=1)
+        state = json.loads(json.dumps(first.state()))  # as a checkpoint stores it
+        assert state == {"epoch": cut // 2, "step": cut % 2, "grain": {"next_index": cut}}
+        if cut % 2:
+            del state["grain"]  # the format before grain is still accepted
+        second = _pipe(SOURCE)
         second.restore(state)
         while len(got) < len(reference):
             got += _collect(second)  # one (remaining) epoch at a time
         _assert_same(got, reference)
     started = _pipe(SOURCE, start_epoch=1, start_step=1)
     _assert_same(_collect(started.iterate(num_epochs=2)), reference[3:])
-    assert started.state() == {"epoch": 3, "step": 0}
+    assert started.state() == {"epoch": 3, "step": 0, "grain": {"next_index": 6}}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_state_saved_mid_epoch_resumes_in_a_new_pipeline(train):
+    """A state saved mid-epoch (device iterator, batches still in flight) restores into a new
+    pipeline that serves exactly the remaining batches; it is grain's iterator state."""
+    source = _source(37, seed=2)
+    reference = _collect(_pipe(source, train=train).iterate(num_epochs=2))  # 4 (train) or 5 steps
+    pipe = _pipe(source, train=train, prefetch=3)
+    iterator = pipe.device_iterator(num_epochs=2)
+    got = [tuple(np.asarray(x) for x in next(iterator)) for _ in range(6)]
+    saved = json.dumps(pipe.state())
+    iterator.close()
+    resumed = _pipe(source, train=train)
+    resumed.restore(json.loads(saved))
+    assert resumed.state() == json.loads(saved) and resumed.state()["epoch"] == 1
+    got += _collect(resumed.iterate(num_epochs=1))  # the rest of epoch 1
+    _assert_same(got, reference)
+    # The state is what grain's own iterator over `dataset` accepts and reports.
+    inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    grain_iterator = pipe.dataset.to_iter_dataset(inline).__iter__()
+    grain_iterator.set_state(json.loads(saved)["grain"])
+    np.testing.assert_array_equal(next(grain_iterator)["images"], reference[6][0])
+    assert grain_iterator.get_state() == {"next_index": 7}
+    bad = dict(json.loads(saved), step=0)
+    with pytest.raises(ValueError, match="Invalid pipeline state"):
+        resumed.restore(bad)  # grain and epoch/step disagree (e.g. another batch size)
+    with pytest.raises(ValueError, match="Invalid pipeline state"):
+        resumed.restore({"epoch": 0, "step": 99})
 
 
 def test_eval_pads_the_last_batch_and_train_drops_it():
@@ -249,12 +345,12 @@ def test_brightness_is_multiplicative_and_flip_flips():
 # --- devices, tfds ------------------------------------------------------------------------------
 
 
-def test_device_iterator_gives_sharded_global_arrays():
+def test_device_iterator_gives_sharded_global_arrays(monkeypatch):
     assert jax.device_count() == 4
     pipe = _pipe(SOURCE, train=False, batch_size=8)
     host = _collect(_pipe(SOURCE, train=False, batch_size=8))
     got = list(pipe.device_iterator())
-    assert len(got) == len(host) == 3 and pipe.state() == {"epoch": 1, "step": 0}
+    assert len(got) == len(host) == 3 and pipe.state()["epoch"] == 1 and pipe.state()["step"] == 0
     for batch, ref in zip(got, host, strict=True):
         assert batch.images.shape == (8, SIZE, SIZE, 3) and batch.images.dtype == np.uint8
         assert batch.labels.dtype == np.int32 and batch.mask.dtype == np.bool_
@@ -263,12 +359,22 @@ def test_device_iterator_gives_sharded_global_arrays():
             assert len(array.sharding.device_set) == 4
             assert {s.data.shape[0] for s in array.addressable_shards} == {2}
             np.testing.assert_array_equal(np.asarray(array), expected)
-    # stopping early leaves a resumable state and stops the producer thread
-    train = _pipe(SOURCE, prefetch=1)
+    # Arrays are made in the consuming thread only, `prefetch` batches ahead of the one yielded;
+    # stopping early leaves a resumable state (the batches put ahead do not count).
+    threads = []
+    make_array = jax.make_array_from_process_local_data
+
+    def recording(sharding, x):
+        threads.append(threading.current_thread())
+        return make_array(sharding, x)
+
+    monkeypatch.setattr(jax, "make_array_from_process_local_data", recording)
+    train = _pipe(SOURCE, prefetch=2)
     iterator = train.device_iterator(num_epochs=None)
     first = np.asarray(next(iterator).images)
+    assert len(threads) == 3 * 3 and set(threads) == {threading.current_thread()}
     iterator.close()
-    assert train.state() == {"epoch": 0, "step": 1}
+    assert train.state() == {"epoch": 0, "step": 1, "grain": {"next_index": 1}}
     np.testing.assert_array_equal(first, _pipe(SOURCE).batch(0, 0).images)
     with pytest.raises(ValueError, match="process layout"):
         _pipe(SOURCE, process_count=2).device_iterator()
@@ -279,9 +385,9 @@ def test_tfds_mock_imagenet2012_source():
     with tfds.testing.mock_data(num_examples=12):
         # Without TensorFlow the mock can only serve decoded images (numpy arrays of random sizes).
         source = tf.tfds_source("imagenet2012", "train", decode=True)
-        pipe = _pipe(source, batch_size=4, workers=2)
+        pipe = _pipe(source, batch_size=4)
         batches = _collect(pipe.iterate(num_epochs=1))
-        reference = _collect(_pipe(source, batch_size=4, workers=1).iterate(num_epochs=1))
+        reference = [tuple(pipe.batch(0, step)) for step in range(3)]  # random access
     assert len(batches) == 3
     _assert_same(batches, reference)
     for images, labels, mask in batches:
@@ -328,6 +434,7 @@ _TWO_PROCESS_SCRIPT = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
+import grain
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -339,14 +446,14 @@ from sdcil_jax.data.host_pipeline import HostPipeline
 rng = np.random.default_rng(0)
 source = [{"image": rng.integers(0, 256, (int(rng.integers(12, 60)), 40, 3), dtype=np.uint8),
            "label": i} for i in range(21)]
-kw = dict(batch_size=8, train=False, image_size=16, test_resize=20, workers=2)
+kw = dict(batch_size=8, train=False, image_size=16, test_resize=20, workers=0)
 pipe = HostPipeline(source, **kw)
 ref = HostPipeline(source, process_index=0, process_count=1, **kw)
 ok = pipe.local_batch_size == 4
 for step, batch in enumerate(pipe.device_iterator()):
     got = [multihost_utils.process_allgather(x, tiled=True) for x in batch]
     ok &= all(np.array_equal(g, r) for g, r in zip(got, ref.batch(0, step)))
-ok &= pipe.state() == {"epoch": 1, "step": 0} and step == 2
+ok &= pipe.state()["epoch"] == 1 and pipe.state()["step"] == 0 and step == 2
 print("RESULT", jax.process_count(), jax.device_count(), ok)
 """
 
