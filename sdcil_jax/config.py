@@ -198,7 +198,7 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
         "generation.resolution", "generation.batch_per_device", "generation.per_class",
         "scenario.initial_increment", "scenario.increment", "model.width",
         "method.proxies_per_class", "method.finetune_lr", "method.kd_temperature",
-        "checkpoint.keep", "dataset.workers", "dataset.image_size", "dataset.test_resize",
+        "checkpoint.keep", "dataset.image_size", "dataset.test_resize",
     ]
     for key in positive:
         section, name = key.split(".")
@@ -210,7 +210,8 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
                     "train.crop_padding", "train.brightness", "train.weight_decay",
                     "train.momentum", "method.pod_flat", "method.pod_spatial",
                     "method.finetune_epochs", "method.grad_clip", "synthetic.diagnostic_per_class",
-                    "checkpoint.every_minutes", "checkpoint.every_steps", "dataset.prefetch"]
+                    "checkpoint.every_minutes", "checkpoint.every_steps", "dataset.prefetch",
+                    "dataset.workers"]
     for key in non_negative:
         section, name = key.split(".")
         if c[section][name] < 0:

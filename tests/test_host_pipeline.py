@@ -2,7 +2,9 @@
 arrays, worker processes."""
 
 import io
+import itertools
 import json
+import multiprocessing
 import pickle
 import threading
 
@@ -120,7 +122,8 @@ def test_batches_are_the_pure_transforms_byte_for_byte(train, process_count):
 
 def test_worker_processes_give_the_same_batches(monkeypatch):
     """Two grain worker processes (spawned: the source is pickled into them) serve exactly the
-    in-process batches, with a PoolSource whose synthetic images reach the workers memory-mapped."""
+    in-process batches, with a PoolSource whose synthetic images reach the workers memory-mapped;
+    so do two threads (what a short iteration uses)."""
     from sdcil_jax.data import lazy
 
     monkeypatch.setattr(lazy, "SHARE_BYTES", 1000)  # share the synthetic images through a file
@@ -130,10 +133,18 @@ def test_worker_processes_give_the_same_batches(monkeypatch):
     # Training augmentation, and a padded last batch: 22 examples, 3 batches of 8 per epoch.
     kw = dict(indices=np.arange(2, 24), labels_map=lambda k: k + 10, drop_remainder=False)
     inline = _collect(_pipe(pool, **kw).iterate(num_epochs=2))
-    pipe = _pipe(pool, workers=2, **kw)
+    iterator = _pipe(pool, workers=2, **kw).iterate(num_epochs=2)  # 44 images: too few for processes
+    threads = _collect(itertools.islice(iterator, 1))
+    assert not multiprocessing.active_children()
+    _assert_same(threads + _collect(iterator), inline)
+    pipe = _pipe(pool, workers=2, min_images_per_process=0, **kw)
     with pipe:
-        workers = _collect(pipe.iterate(num_epochs=2))
+        iterator = pipe.iterate(num_epochs=2)
+        workers = _collect(itertools.islice(iterator, 1))
+        assert len(multiprocessing.active_children()) == 2
+        workers += _collect(iterator)
     _assert_same(workers, inline)
+    assert not multiprocessing.active_children()  # stopped at the end of the iteration
     assert len(workers) == 6 and workers[2][2].sum() == 6
     assert pipe.state()["epoch"] == 2 and pipe.state()["step"] == 0
     files = pool.__dict__["_array_files"]

@@ -12,7 +12,8 @@ it could not scale past about ten cores); and its iterators are checkpointable. 
 grain ``MapDataset`` whose element ``g`` is this process's part of global batch ``g``, built as
 ``range -> map(BatchReader: read and transform one image) -> batch``
 (:mod:`sdcil_jax.data.batch_reader`), iterated in this process (``workers=0``) or by ``workers``
-spawned worker processes (``mp_prefetch``), each decoding whole batches.
+spawned worker processes (``mp_prefetch``), each decoding whole batches; iterations too short to pay
+for starting processes (the images of one class) use as many threads of this process instead.
 
 Guarantees
   * Determinism: the order of an epoch is a permutation of ``indices`` drawn from
@@ -96,6 +97,9 @@ class HostPipeline:
       workers: grain worker processes decoding whole batches (0: decode in the consuming thread).
         Each iteration starts its own (at most one per batch it serves), which costs a few seconds
         (a fresh interpreter imports grain, JAX and the source's modules).
+      min_images_per_process: an iteration that decodes fewer images than this per worker (say the
+        images of one class, for herding) runs ``workers`` threads in this process instead of
+        worker processes, whose start would cost more than the decoding (0: always processes).
       prefetch: batches decoded ahead on the host (spread over the workers), and device batches put
         ahead by :meth:`device_iterator`.
       seed: seeds the epoch order and the per-image augmentation.
@@ -140,6 +144,7 @@ class HostPipeline:
         label_key: str = "label",
         start_epoch: int = 0,
         start_step: int = 0,
+        min_images_per_process: int = 4096,
     ):
         self.source = source
         if indices is None:
@@ -165,6 +170,7 @@ class HostPipeline:
         self.image_size = int(image_size)
         self.test_resize = int(test_resize)
         self.workers = max(0, int(workers))
+        self.min_images_per_process = int(min_images_per_process)
         self.prefetch = max(1, int(prefetch))
         self.seed = int(seed)
         self.mesh = mesh
@@ -252,6 +258,11 @@ class HostPipeline:
         if workers == 0:
             iterator = self.dataset.to_iter_dataset(_READ_INLINE).__iter__()
             iterator.set_state({"next_index": first})
+        elif count * self.local_batch_size < workers * self.min_images_per_process:
+            # Too short to pay for starting processes: `workers` threads of this process (PIL
+            # releases the GIL), each decoding whole batches. The slice ends their work at `stop`.
+            threads = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(workers, self.prefetch))
+            iterator = self.dataset[first:stop].to_iter_dataset(threads).__iter__()
         else:
             # Worker w decodes batches first + w, first + w + workers, ...; grain interleaves them
             # back in order. Slicing (rather than set_state) ends the workers' work at `stop`.
