@@ -156,13 +156,15 @@ def bench_transform_only(source: list[dict], seconds: float) -> tuple[float, flo
 
 
 def bench_host(
-    source: list[dict], *, workers: int, batch: int, seconds: float, train: bool
+    source: list[dict], *, workers: int, batch: int, seconds: float, train: bool, threads: bool = False
 ) -> tuple[float, float]:
     """(images per wall second, images per CPU-second) of ``HostPipeline``, after a warm-up of two
-    batches per worker (so that every worker process has started and served)."""
+    batches per worker (so that every worker process has started and served). ``threads``: grain
+    threads in this process (what the grain pipeline uses for short iterations) instead of processes."""
     kwargs = {}
     if "min_images_per_process" in inspect.signature(HostPipeline).parameters:
-        kwargs["min_images_per_process"] = 0  # always worker processes when workers > 0
+        # 0: always worker processes when workers > 0; huge: always threads
+        kwargs["min_images_per_process"] = 1 << 62 if threads else 0
     pipe = HostPipeline(
         source,
         batch_size=batch,
@@ -177,7 +179,7 @@ def bench_host(
         **kwargs,
     )
     with pipe:
-        iterator = pipe.iterate(num_epochs=None)
+        iterator = pipe.iterate(num_epochs=10**6)  # finite, so that `threads` applies
         for _ in range(2 * max(1, workers)):
             next(iterator)
         done, clock = 0, Clock()
@@ -253,6 +255,15 @@ def main() -> None:
         host[w] = bench_host(source, workers=w, batch=args.batch_size, seconds=args.seconds, train=True)
         rows.append((f"host: HostPipeline train 224, {worker_label(w)}", args.batch_size, host[w]))
     w_max = max(workers)
+    if GRAIN and w_max > 0:
+        rows.append(
+            (
+                f"host: HostPipeline train 224, workers={w_max} (threads, short iterations)",
+                args.batch_size,
+                bench_host(source, workers=w_max, batch=args.batch_size, seconds=args.seconds,
+                           train=True, threads=True),
+            )
+        )
     rows.append(
         (
             f"host: HostPipeline test 256->224, {worker_label(w_max)}",

@@ -60,7 +60,7 @@ from sdcil_jax.data.transforms import BRIGHTNESS, CROP_RATIO, CROP_SCALE
 # Global batches a pipeline can serve (about 1e12): iterations without an end stop there.
 MAX_BATCHES = 1 << 40
 # Each image is read in the thread that asks grain for it: the consumer's thread (workers=0) or a
-# worker process's main thread. Parallelism comes from the worker processes, not from threads.
+# worker process's main thread (parallelism comes from the processes, one batch each).
 _READ_INLINE = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
