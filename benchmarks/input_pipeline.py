@@ -12,9 +12,9 @@
                                         [--seconds 8] [--assumed-rate 6800] [--no-device]
 
 "images per CPU-second" divides the images served by the CPU time of this process (all threads) plus
-that of its child processes (grain's workers, measured with psutil while they run, after a warm-up
-that lets every worker start): the per-core cost of the host transforms, which contention from other
-jobs on a shared machine changes much less than the wall-clock rate.
+that of its child processes (grain's workers; measured with psutil, which the script needs, while they
+run, after a warm-up that lets every worker start): the per-core cost of the host transforms, which
+contention from other jobs on a shared machine changes much less than the wall-clock rate.
 
 The script also runs against the thread-pool pipeline that grain replaced (issue 9): put a checkout
 of that version first on PYTHONPATH; ``workers`` are then threads and the rows say so.
