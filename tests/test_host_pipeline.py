@@ -406,6 +406,22 @@ def test_tfds_mock_imagenet2012_source():
         assert ((labels >= 0) & (labels < 1000)).all() and mask.all()
 
 
+def test_prepared_tfds_source_pickles_for_worker_processes(tmp_path):
+    """A real ArrayRecord ``tfds.data_source`` (the embedded digits, prepared offline) pickles in a few
+    KB and reads the same examples after unpickling, as a grain worker process does."""
+    pytest.importorskip("tensorflow_datasets")
+    from sdcil_jax.data.digits import SdcilDigits
+
+    SdcilDigits(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+    source = tf.tfds_source("sdcil_digits", "train", str(tmp_path))
+    blob = pickle.dumps(source)
+    assert len(blob) < 64 * 1024
+    copy = pickle.loads(blob)
+    assert len(copy) == len(source) == 1433
+    kw = dict(indices=np.arange(0, 1433, 50), batch_size=4, train=True)
+    _assert_same(_collect(_pipe(copy, **kw).iterate()), _collect(_pipe(source, **kw).iterate()))
+
+
 class _SerializedImagenetSource:
     """Records serialized with the real ``imagenet2012`` features and read back the way a prepared
     ``tfds.data_source`` reads its ArrayRecord files (``features.deserialize_example_np``)."""
