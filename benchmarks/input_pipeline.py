@@ -3,12 +3,21 @@
 (a) device pipeline (CIFAR-size): uint8 32x32x3 batches gathered from an on-device pool, augmented
     with ``sdcil_jax.augment.augment`` (crop padding 4, flip, brightness 63/255) and normalised, in
     one jitted function, here on the CPU backend (on a TPU this work runs on the chip, not the host).
-(b) host pipeline (ImageNet-size): ``sdcil_jax.data.host_pipeline.HostPipeline`` decoding synthetic
-    JPEGs (about 400x350, varying sizes, quality 90) from an in-memory list source, train transform
-    (random-resized crop 224, flip, brightness) and test transform (resize 256, centre crop 224).
+(b) host pipeline (ImageNet-size): ``sdcil_jax.data.host_pipeline.HostPipeline`` (grain) decoding
+    synthetic JPEGs (about 400x350, varying sizes, quality 90) from an in-memory list source, train
+    transform (random-resized crop 224, flip, brightness) and test transform (resize 256, centre crop
+    224), with ``workers`` = 0 (in the consuming thread), and 1, 2, ... grain worker processes.
 
-    python benchmarks/input_pipeline.py [--num-images 512] [--workers 1,2,4] [--batch-size 64]
-                                        [--seconds 8] [--assumed-rate 6800]
+    python benchmarks/input_pipeline.py [--num-images 512] [--workers 0,1,2] [--batch-size 64]
+                                        [--seconds 8] [--assumed-rate 6800] [--no-device]
+
+"images per CPU-second" divides the images served by the CPU time of this process (all threads) plus
+that of its child processes (grain's workers; measured with psutil, which the script needs, while they
+run, after a warm-up that lets every worker start): the per-core cost of the host transforms, which
+contention from other jobs on a shared machine changes much less than the wall-clock rate.
+
+The script also runs against the thread-pool pipeline that grain replaced (issue 9): put a checkout
+of that version first on PYTHONPATH; ``workers`` are then threads and the rows say so.
 
 The "cores needed" figure divides an ASSUMED ResNet-18 training rate on one TPU v5e chip
 (``--assumed-rate``, images/s) by the measured images/s per host core. See ``ASSUMPTION`` for where
@@ -18,6 +27,7 @@ the default comes from; pass your own measured step rate x batch size to get you
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import os
 import platform
@@ -28,10 +38,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sdcil_jax import augment as aug_lib  # noqa: E402
-from sdcil_jax.data.host_pipeline import HostPipeline, train_transform  # noqa: E402
+from sdcil_jax.data import host_pipeline as hp_lib  # noqa: E402
+from sdcil_jax.data.host_pipeline import HostPipeline  # noqa: E402
+
+try:
+    from sdcil_jax.data.transforms import train_transform  # noqa: E402
+except ImportError:  # the thread-pool version, before issue 9
+    from sdcil_jax.data.transforms import train_transform  # noqa: E402
+
+GRAIN = hasattr(hp_lib, "grain")  # False: the thread-pool pipeline grain replaced
 
 DEFAULT_ASSUMED_RATE = 6800.0
 ASSUMPTION = """\
@@ -61,18 +80,30 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) and of its live child processes."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:  # exited meanwhile
+            pass
+    return total
+
+
 class Clock:
-    """Wall time and this process's CPU time (all threads) since construction."""
+    """Wall time and CPU time (this process and its children, see :func:`cpu_seconds`)."""
 
     def __init__(self) -> None:
-        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.wall0, self.cpu0 = time.perf_counter(), cpu_seconds()
 
     def wall(self) -> float:
         return time.perf_counter() - self.wall0
 
     def rates(self, images: int) -> tuple[float, float]:
-        """(images per wall second, images per CPU second of this process)."""
-        cpu = max(time.process_time() - self.cpu0, 1e-9)
+        """(images per wall second, images per CPU second of this process and its children)."""
+        cpu = max(cpu_seconds() - self.cpu0, 1e-9)
         return images / self.wall(), images / cpu
 
 
@@ -125,8 +156,15 @@ def bench_transform_only(source: list[dict], seconds: float) -> tuple[float, flo
 
 
 def bench_host(
-    source: list[dict], *, workers: int, batch: int, seconds: float, train: bool
+    source: list[dict], *, workers: int, batch: int, seconds: float, train: bool, threads: bool = False
 ) -> tuple[float, float]:
+    """(images per wall second, images per CPU-second) of ``HostPipeline``, after a warm-up of two
+    batches per worker (so that every worker process has started and served). ``threads``: grain
+    threads in this process (what the grain pipeline uses for short iterations) instead of processes."""
+    kwargs = {}
+    if "min_images_per_process" in inspect.signature(HostPipeline).parameters:
+        # 0: always worker processes when workers > 0; huge: always threads
+        kwargs["min_images_per_process"] = 1 << 62 if threads else 0
     pipe = HostPipeline(
         source,
         batch_size=batch,
@@ -138,10 +176,12 @@ def bench_host(
         seed=0,
         process_index=0,
         process_count=1,
+        **kwargs,
     )
     with pipe:
-        iterator = pipe.iterate(num_epochs=None)
-        next(iterator)  # warm-up: threads started, first batch decoded
+        iterator = pipe.iterate(num_epochs=10**6)  # finite, so that `threads` applies
+        for _ in range(2 * max(1, workers)):
+            next(iterator)
         done, clock = 0, Clock()
         while clock.wall() < seconds or done < 4 * batch:
             done += next(iterator).images.shape[0]
@@ -150,14 +190,22 @@ def bench_host(
     return rates
 
 
+def worker_label(workers: int) -> str:
+    if workers == 0:
+        return "workers=0 (consumer thread)"
+    if GRAIN:
+        return f"workers={workers} (processes)"
+    return f"workers={workers} (threads)"
+
+
 def main() -> None:
     cpus = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=512)
     parser.add_argument(
         "--workers",
-        default=f"1,2,{cpus}",
-        help="comma-separated decoding thread counts (default 1,2,os.cpu_count())",
+        default=",".join(str(w) for w in sorted({0, 1, 2, cpus})),
+        help="comma-separated worker counts (default 0,1,2,os.cpu_count())",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="host pipeline batch")
     parser.add_argument("--device-batch-size", type=int, default=128, help="device pipeline batch")
@@ -169,14 +217,17 @@ def main() -> None:
         help="ResNet-18 training images/s of one TPU v5e chip (ASSUMPTION; default "
         f"{DEFAULT_ASSUMED_RATE:.0f}, an estimate derived in the docstring)",
     )
+    parser.add_argument("--no-device", action="store_true", help="skip the device pipeline row")
     args = parser.parse_args()
     workers = sorted({int(w) for w in args.workers.split(",")})
     rate_source = "given on the command line" if args.assumed_rate else "default estimate"
     assumed = args.assumed_rate or DEFAULT_ASSUMED_RATE
 
+    impl = "grain" if GRAIN else "thread pool (before issue 9)"
     print(
         f"Machine: {cpus} cores ({cpu_model()}), python {platform.python_version()}, "
-        f"jax {jax.__version__} ({jax.default_backend()}), PIL {Image.__version__}"
+        f"jax {jax.__version__} ({jax.default_backend()}), PIL {Image.__version__}; "
+        f"host pipeline: {impl} ({hp_lib.__file__})"
     )
     print("Load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     t0 = time.perf_counter()
@@ -187,33 +238,44 @@ def main() -> None:
         f"{np.mean(sizes) / 1024:.0f} KiB (ImageNet train averages ~110 KiB)\n"
     )
 
-    rows = [
-        (
-            "device: jitted augment+normalise, 32x32 (XLA CPU)",
-            args.device_batch_size,
-            bench_device(args.device_batch_size, args.seconds),
+    rows = []
+    if not args.no_device:
+        rows.append(
+            (
+                "device: jitted augment+normalise, 32x32 (XLA CPU)",
+                args.device_batch_size,
+                bench_device(args.device_batch_size, args.seconds),
+            )
         )
-    ]
     rows.append(
         ("host: train transform, plain loop (1 thread)", 1, bench_transform_only(source, args.seconds))
     )
     host = {}
     for w in workers:
         host[w] = bench_host(source, workers=w, batch=args.batch_size, seconds=args.seconds, train=True)
-        rows.append((f"host: HostPipeline train 224, workers={w}", args.batch_size, host[w]))
+        rows.append((f"host: HostPipeline train 224, {worker_label(w)}", args.batch_size, host[w]))
     w_max = max(workers)
+    if GRAIN and w_max > 0:
+        rows.append(
+            (
+                f"host: HostPipeline train 224, workers={w_max} (threads, short iterations)",
+                args.batch_size,
+                bench_host(source, workers=w_max, batch=args.batch_size, seconds=args.seconds,
+                           train=True, threads=True),
+            )
+        )
     rows.append(
         (
-            f"host: HostPipeline test 256->224, workers={w_max}",
+            f"host: HostPipeline test 256->224, {worker_label(w_max)}",
             args.batch_size,
             bench_host(source, workers=w_max, batch=args.batch_size, seconds=args.seconds, train=False),
         )
     )
 
-    print(f"| {'pipeline':<52} | batch | images/s (wall) | images per CPU-second |")
-    print(f"|{'-' * 54}|------:|----------------:|----------------------:|")
+    print(f"| {'pipeline':<60} | batch | images/s (wall) | images per CPU-second |")
+    print(f"|{'-' * 62}|------:|----------------:|----------------------:|")
     for name, batch, (wall, cpu) in rows:
-        print(f"| {name:<52} | {batch:>5} | {wall:>15.0f} | {cpu:>21.0f} |")
+        print(f"| {name:<60} | {batch:>5} | {wall:>15.0f} | {cpu:>21.0f} |")
 
     best_w = max(host, key=lambda w: host[w][0])
     per_cpu_second = max(cpu for _, cpu in host.values())
@@ -225,7 +287,7 @@ def main() -> None:
         f"  per CPU-second (contention-free cost): {assumed:.0f} / {per_cpu_second:.0f} "
         f"= {assumed / per_cpu_second:.1f} cores"
     )
-    one = host.get(1, rows[1][2])[0]
+    one = host.get(1, host[min(host)])[0]
     print(f"  at the 1-worker wall rate            : {assumed:.0f} / {one:.0f} = {assumed / one:.1f} cores")
     print(f"  best wall rate here: {host[best_w][0]:.0f} images/s with workers={best_w} on {cpus} cores")
     print("  (a single-chip v5e VM, ct5lp-hightpu-1t, has 24 vCPUs per the Cloud TPU v5e docs)")
@@ -234,10 +296,11 @@ def main() -> None:
             *os.getloadavg()
         )
     )
-    print(
-        f"Device pipeline (CIFAR-size) on this CPU: {rows[0][2][0]:.0f} images/s; on a TPU it "
-        "runs on the chip inside the training step and costs the host nothing."
-    )
+    if not args.no_device:
+        print(
+            f"Device pipeline (CIFAR-size) on this CPU: {rows[0][2][0]:.0f} images/s; on a TPU it "
+            "runs on the chip inside the training step and costs the host nothing."
+        )
 
 
 if __name__ == "__main__":

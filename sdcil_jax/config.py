@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
         holdout_per_class=0,  # real training images per class kept out of training (real_holdout pool)
         class_names=[],  # overrides of readable class names for prompts: ["12=red bridge", ...]
         pipeline="auto",  # 'device' (uint8 pool on device), 'host' (decode+augment on host), 'auto'
-        workers=8,  # host pipeline decoding threads
+        workers=8,  # host pipeline: grain worker processes decoding images (0: in the main process)
         prefetch=2,  # host pipeline batches prefetched to the devices
         image_size=224,  # host pipeline: random-resized crop size (train) / centre crop (test)
         test_resize=256,  # host pipeline: shorter side before the centre crop at test time
@@ -223,7 +223,7 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
         "generation.resolution", "generation.batch_per_device", "generation.per_class",
         "scenario.initial_increment", "scenario.increment", "model.width",
         "method.proxies_per_class", "method.finetune_lr",
-        "checkpoint.keep", "checkpoint.sync_every_steps", "dataset.workers", "dataset.image_size",
+        "checkpoint.keep", "checkpoint.sync_every_steps", "dataset.image_size",
         "dataset.test_resize",
     ]
     for key in positive:
@@ -236,7 +236,8 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
                     "train.crop_padding", "train.brightness", "train.weight_decay",
                     "train.momentum", "method.pod_flat", "method.pod_spatial",
                     "method.finetune_epochs", "method.grad_clip", "synthetic.diagnostic_per_class",
-                    "checkpoint.every_minutes", "checkpoint.every_steps", "dataset.prefetch"]
+                    "checkpoint.every_minutes", "checkpoint.every_steps", "dataset.prefetch",
+                    "dataset.workers"]
     for key in non_negative:
         section, name = key.split(".")
         if c[section][name] < 0:

@@ -1,53 +1,67 @@
-"""Host-side input pipeline for ImageNet-size data: decode and augment on CPU threads, prefetch to devices.
+"""Host-side input pipeline for ImageNet-size data: decode and augment in grain worker processes, put
+batches on the devices from the consuming thread.
 
 CIFAR-size datasets live on the devices as uint8 arrays and are augmented inside the jitted step
 (:mod:`sdcil_jax.augment`). ImageNet-size data is JPEG-encoded, varies in size and does not fit in
-memory, so it is decoded and augmented here, on the host, by a thread pool (PIL releases the GIL while
-it decodes and resizes), and handed to the devices as global ``jax.Array`` batches.
+memory, so it is decoded and augmented here, on the host, with the pure transforms of
+:mod:`sdcil_jax.data.transforms`, and handed to the devices as global ``jax.Array`` batches.
 
-Determinism and sharding
-  * The order of an epoch is a permutation of ``indices`` drawn from ``np.random.default_rng([seed,
-    epoch])`` (identity order when not shuffling); every process computes the same one.
-  * Global batch ``s`` is positions ``[s * B, (s + 1) * B)`` of that order. Process ``p`` of ``P`` reads
-    and decodes only rows ``[p * B / P, (p + 1) * B / P)`` of it.
-  * The random draws of the image at global position ``i`` come from ``np.random.default_rng([seed,
-    epoch, i])``, so a batch does not depend on the number of workers or processes.
+Why grain: it is the data loader the JAX ecosystem maintains (MaxText uses it); its worker processes
+sidestep the GIL (the thread pool used before held it for an estimated tenth of each image's time, so
+it could not scale past about ten cores); and its iterators are checkpointable. The pipeline is a
+grain ``MapDataset`` whose element ``g`` is this process's part of global batch ``g``, built as
+``range -> map(BatchReader: read and transform one image) -> batch``
+(:mod:`sdcil_jax.data.batch_reader`), iterated in this process (``workers=0``) or by ``workers``
+spawned worker processes (``mp_prefetch``), each decoding whole batches; iterations too short to pay
+for starting processes (the images of one class) use as many threads of this process instead.
+
+Guarantees
+  * Determinism: the order of an epoch is a permutation of ``indices`` drawn from
+    ``np.random.default_rng([seed, epoch])`` (identity order when not shuffling); global batch ``s``
+    is positions ``[s * B, (s + 1) * B)`` of that order; the random draws of the image at global
+    position ``i`` come from ``np.random.default_rng([seed, epoch, i])``. So a batch depends neither
+    on the number of worker processes nor on the number of JAX processes.
+  * Sharding: process ``p`` of ``P`` reads and decodes only rows ``[p * B / P, (p + 1) * B / P)`` of
+    every global batch.
   * Training drops the last partial batch; evaluation pads it with zero images and exposes a validity
     mask (``Batch.mask``; all ``True`` for full batches).
-  * :meth:`HostPipeline.state` is the position ``{'epoch', 'step'}`` of the next batch the consumer
-    has not received yet; starting there (:meth:`HostPipeline.restore`, or the ``epoch``/``start_step``
-    arguments) yields exactly the batches an uninterrupted run would have yielded.
+  * Resume: :meth:`HostPipeline.state` is the position of the next batch the consumer has not
+    received yet, as ``{'epoch', 'step', 'grain': {'next_index'}}`` where ``grain`` is the state of
+    grain's iterator over :attr:`HostPipeline.dataset` (JSON-able). Restoring it
+    (:meth:`HostPipeline.restore`, or the ``epoch``/``start_step`` arguments) yields exactly the
+    batches an uninterrupted run would have yielded, whatever the worker count.
+  * No JAX call leaves the consuming thread: :meth:`HostPipeline.device_iterator` puts the next
+    batches on the devices (asynchronously) before it yields the current one.
 
-The module depends only on numpy, PIL and jax, and takes any random-access source: an object with
-``__len__`` and ``__getitem__(i) -> {'image': ..., 'label': ...}`` where the image is a uint8 array
-(H, W), (H, W, 1), (H, W, 3) or (H, W, 4), encoded bytes (JPEG, PNG, ...), a file path or a PIL image.
-``tfds.data_source`` is such a source; :func:`tfds_source` opens one whose images come back as the raw
-encoded bytes (no TensorFlow needed), which this module decodes itself.
+Sources: any random-access object with ``__len__`` and ``__getitem__(i) -> {'image': ..., 'label':
+...}`` (see :mod:`sdcil_jax.data.transforms` for the image formats). With ``workers > 0`` it is
+pickled (cloudpickle) into every worker process when an iteration starts: ``tfds.data_source``
+pickles in a few KB, :class:`sdcil_jax.data.sources.PoolSource` and ``ArraySource`` hand their large
+arrays over as memory-mapped files. Worker processes are spawned, so a script that iterates with
+``workers > 0`` needs the ``if __name__ == '__main__':`` guard.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import io
-import math
-import os
-import queue
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import itertools
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import grain
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from PIL import Image
 
-# torchvision defaults (RandomResizedCrop) and the PODNet jitter (ColorJitter(brightness=63/255)).
-CROP_SCALE = (0.08, 1.0)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-BRIGHTNESS = 63.0 / 255.0
-_CROP_ATTEMPTS = 10
-_RESAMPLE = Image.Resampling.BILINEAR  # antialiased in PIL when downscaling (support grows)
+from sdcil_jax.data.batch_reader import BatchReader, LabelMap
+from sdcil_jax.data.transforms import BRIGHTNESS, CROP_RATIO, CROP_SCALE
+
+# Global batches a pipeline can serve (about 1e12): iterations without an end stop there.
+MAX_BATCHES = 1 << 40
+# Each image is read in the thread that asks grain for it: the consumer's thread (workers=0) or a
+# worker process's main thread (parallelism comes from the processes, one batch each).
+_READ_INLINE = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 class Batch(NamedTuple):
@@ -59,159 +73,18 @@ class Batch(NamedTuple):
     mask: Any  # (B,) bool; False for the padding of the last evaluation batch
 
 
-# ----------------------------------------------------------------------------------------------
-# Decoding and transforms (pure functions of the image and an explicit numpy Generator).
-# ----------------------------------------------------------------------------------------------
+def _allow_unparsed_absl_flags() -> None:
+    """grain 0.2.18 reads the absl flag ``--grain_enable_multiprocess_worker_profiling`` when a worker
+    starts, which fails in programs that do not parse absl flags (google/grain#1355, fixed upstream
+    by falling back to the default). Do the same: mark that one flag as set, to its default."""
+    from absl import flags
 
-
-def to_pil_rgb(value: Any) -> Image.Image:
-    """An RGB PIL image from a uint8 array, encoded bytes, a path or a PIL image.
-
-    Grayscale, palette, CMYK and alpha images are converted to RGB.
-    """
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, bytes | bytearray | memoryview):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, str | os.PathLike):
-        image = Image.open(value)
-    else:
-        array = np.asarray(value)
-        if array.dtype.kind in "SOV" and array.size == 1:  # 0-d bytes/object array from a source
-            return to_pil_rgb(array.reshape(()).item())
-        if array.dtype != np.uint8:
-            raise TypeError(f"Image arrays must be uint8, got {array.dtype} {array.shape}.")
-        if array.ndim == 3 and array.shape[2] == 1:
-            array = array[:, :, 0]
-        if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-            raise ValueError(f"Cannot read an image of shape {array.shape}.")
-        image = Image.fromarray(np.ascontiguousarray(array))  # L, RGB or RGBA
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
-
-
-def random_resized_crop_box(
-    height: int,
-    width: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = CROP_SCALE,
-    ratio: tuple[float, float] = CROP_RATIO,
-) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box ``(top, left, crop_height, crop_width)``.
-
-    Up to 10 attempts at an area fraction uniform in ``scale`` and a log-uniform aspect ratio in
-    ``ratio``; if none fits, the largest centred crop whose aspect ratio is clamped to ``ratio``.
-    Always inside the image and at least 1x1.
-    """
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(_CROP_ATTEMPTS):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    h, w = max(1, min(h, height)), max(1, min(w, width))
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def train_transform(
-    value: Any,
-    rng: np.random.Generator,
-    *,
-    image_size: int = 224,
-    scale: tuple[float, float] = CROP_SCALE,
-    ratio: tuple[float, float] = CROP_RATIO,
-    flip: bool = True,
-    brightness: float = BRIGHTNESS,
-) -> np.ndarray:
-    """Random-resized crop to ``image_size``, horizontal flip, multiplicative brightness jitter.
-
-    The brightness factor is uniform in ``[max(0, 1 - brightness), 1 + brightness]``
-    (torchvision ColorJitter). The draws always happen in the same order (crop, flip, brightness),
-    whatever is switched off. Returns (image_size, image_size, 3) uint8.
-    """
-    image = to_pil_rgb(value)
-    width, height = image.size
-    top, left, h, w = random_resized_crop_box(height, width, rng, scale, ratio)
-    do_flip = rng.uniform() < 0.5
-    factor = rng.uniform(max(0.0, 1.0 - brightness), 1.0 + brightness)
-    image = image.resize((image_size, image_size), _RESAMPLE, box=(left, top, left + w, top + h))
-    if flip and do_flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if brightness > 0:
-        # Blend with black, clipped to [0, 255]: what torchvision's ColorJitter does to PIL images
-        # (ImageEnhance.Brightness); done in C without the GIL.
-        image = Image.blend(Image.new("RGB", image.size), image, float(factor))
-    return np.asarray(image)
-
-
-def eval_transform(value: Any, *, image_size: int = 224, resize: int = 256) -> np.ndarray:
-    """The test transform: resize the shorter side to ``resize`` (antialiased bilinear), then
-    centre crop ``image_size``.
-
-    Done as one PIL resize of the matching box of the original image. Returns
-    (image_size, image_size, 3) uint8.
-    """
-    if resize < image_size:
-        raise ValueError(f"test resize {resize} is smaller than the crop {image_size}.")
-    image = to_pil_rgb(value)
-    width, height = image.size
-    # torchvision Resize(int): the shorter side becomes `resize`, the longer one is truncated.
-    if width <= height:
-        new_w, new_h = resize, int(resize * height / width)
-    else:
-        new_w, new_h = int(resize * width / height), resize
-    top = int(round((new_h - image_size) / 2.0))
-    left = int(round((new_w - image_size) / 2.0))
-    sx, sy = width / new_w, height / new_h
-    box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
-    return np.asarray(image.resize((image_size, image_size), _RESAMPLE, box=box))
-
-
-def tfds_source(name: str, split: str, data_dir: str | None = None, *, decode: bool = False):
-    """A ``tfds.data_source`` for this pipeline (no TensorFlow needed to read).
-
-    With ``decode=False`` (default) the image feature comes back as the encoded bytes and the
-    pipeline's workers decode it (and convert grayscale/CMYK to RGB). ``tfds.testing.mock_data``
-    cannot encode images without TensorFlow: use ``decode=True`` with it.
-    """
-    import tensorflow_datasets as tfds
-
-    decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
-
-
-# ----------------------------------------------------------------------------------------------
-# The pipeline.
-# ----------------------------------------------------------------------------------------------
-
-
-def _label_mapper(labels_map: Any) -> Callable[[int], int]:
-    if labels_map is None:
-        return lambda label: label
-    if isinstance(labels_map, Mapping):
-        table = {int(k): int(v) for k, v in labels_map.items()}
-        return lambda label: table[label]
-    if callable(labels_map):
-        return lambda label: int(labels_map(label))
-    lut = np.asarray(labels_map)
-    return lambda label: int(lut[label])
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS["grain_enable_multiprocess_worker_profiling"].present = True
 
 
 class HostPipeline:
-    """Sharded, deterministic, resumable host input pipeline (see the module docstring).
+    """Sharded, deterministic, resumable host input pipeline on grain (see the module docstring).
 
     Args:
       source: random-access source, ``source[i] -> {'image': ..., 'label': ...}``.
@@ -221,9 +94,14 @@ class HostPipeline:
       train: random-resized crop + flip + jitter, shuffled order, last partial batch dropped; else
         resize + centre crop, source order, last batch padded (see ``Batch.mask``).
       image_size: output side length. test_resize: shorter side before the evaluation centre crop.
-      workers: decoding threads (0: decode in the consuming thread).
-      prefetch: batches decoded ahead on the host, and device batches put ahead by
-        :meth:`device_iterator`.
+      workers: grain worker processes decoding whole batches (0: decode in the consuming thread).
+        Each iteration starts its own (at most one per batch it serves), which costs a few seconds
+        (a fresh interpreter imports grain, JAX and the source's modules).
+      min_images_per_process: an iteration that decodes fewer images than this per worker (say the
+        images of one class, for herding) runs ``workers`` threads in this process instead of
+        worker processes, whose start would cost more than the decoding (0: always processes).
+      prefetch: batches decoded ahead on the host (spread over the workers), and device batches put
+        ahead by :meth:`device_iterator`.
       seed: seeds the epoch order and the per-image augmentation.
       process_index, process_count: this process's shard (default: jax's).
       mesh, sharding: where :meth:`device_iterator` puts batches; default ``NamedSharding(mesh,
@@ -232,6 +110,11 @@ class HostPipeline:
       scale, ratio, flip, brightness: training augmentation parameters.
       image_key, label_key: field names in the source's examples.
       start_epoch, start_step: initial :meth:`state` (resume).
+
+    Attributes:
+      dataset: the grain ``MapDataset`` of this process's batches: element ``g`` is a dict of
+        ``images``, ``labels``, ``mask`` for step ``g % steps_per_epoch`` of epoch
+        ``g // steps_per_epoch``.
     """
 
     def __init__(
@@ -261,6 +144,7 @@ class HostPipeline:
         label_key: str = "label",
         start_epoch: int = 0,
         start_step: int = 0,
+        min_images_per_process: int = 4096,
     ):
         self.source = source
         if indices is None:
@@ -285,7 +169,8 @@ class HostPipeline:
         self.drop_remainder = self.train if drop_remainder is None else bool(drop_remainder)
         self.image_size = int(image_size)
         self.test_resize = int(test_resize)
-        self.workers = int(workers)
+        self.workers = max(0, int(workers))
+        self.min_images_per_process = int(min_images_per_process)
         self.prefetch = max(1, int(prefetch))
         self.seed = int(seed)
         self.mesh = mesh
@@ -293,7 +178,6 @@ class HostPipeline:
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.flip, self.brightness = bool(flip), float(brightness)
         self.image_key, self.label_key = image_key, label_key
-        self._map_label = _label_mapper(labels_map)
         if self.drop_remainder:
             self.steps_per_epoch = self.num_examples // self.batch_size
         else:
@@ -303,10 +187,18 @@ class HostPipeline:
                 f"{self.num_examples} examples make no full batch of {self.batch_size}; lower the "
                 "batch size or keep the last partial batch (drop_remainder=False)."
             )
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._order_cache: tuple[int, np.ndarray] | None = None
-        self._lock = threading.Lock()
-        self._epoch, self._step = 0, 0
+        self.reader = BatchReader(
+            source, self.indices, LabelMap(labels_map), seed=self.seed, shuffle=self.shuffle,
+            train=self.train, batch_size=self.batch_size, process_index=self.process_index,
+            process_count=self.process_count, steps_per_epoch=self.steps_per_epoch,
+            image_size=self.image_size, test_resize=self.test_resize,
+            transform=dict(scale=self.scale, ratio=self.ratio, flip=self.flip, brightness=self.brightness),
+            image_key=image_key, label_key=label_key,
+        )
+        slots = grain.MapDataset.range(MAX_BATCHES * self.local_batch_size)
+        self.dataset = slots.map(self.reader).batch(self.local_batch_size)
+        self._iterators: weakref.WeakSet = weakref.WeakSet()  # open grain iterators, for close()
+        self._next = 0  # global index of the next batch to hand over
         self.restore({"epoch": start_epoch, "step": start_step})
 
     # -- state ----------------------------------------------------------------------------------
@@ -314,139 +206,96 @@ class HostPipeline:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def state(self) -> dict[str, int]:
-        """``{'epoch', 'step'}`` of the next batch not yet handed to the consumer."""
-        return {"epoch": self._epoch, "step": self._step}
+    def state(self) -> dict[str, Any]:
+        """The position of the next batch not yet handed to the consumer, JSON-able:
+        ``{'epoch': e, 'step': s, 'grain': {'next_index': e * steps_per_epoch + s}}``.
 
-    def restore(self, state: Mapping[str, int]) -> None:
-        """Continue from a :meth:`state` (e.g. read from a checkpoint)."""
-        epoch, step = int(state["epoch"]), int(state["step"])
-        if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
-            raise ValueError(f"Invalid pipeline state {dict(state)} ({self.steps_per_epoch} steps).")
-        if step == self.steps_per_epoch:  # a finished epoch is the start of the next one
-            epoch, step = epoch + 1, 0
-        self._epoch, self._step = epoch, step
+        ``grain`` is what grain's iterator over :attr:`dataset` reports (``get_state()``) after the
+        batches handed over so far, and accepts (``set_state()``) to continue from there. It does not
+        depend on the worker count, unlike the state of an ``mp_prefetch`` iterator (one position per
+        worker), so a run may resume with another ``workers``.
+        """
+        epoch, step = divmod(self._next, self.steps_per_epoch)
+        return {"epoch": epoch, "step": step, "grain": {"next_index": self._next}}
 
-    def _advance(self, epoch: int, step: int) -> None:
-        if step + 1 >= self.steps_per_epoch:
-            self._epoch, self._step = epoch + 1, 0
-        else:
-            self._epoch, self._step = epoch, step + 1
-
-    # -- order ----------------------------------------------------------------------------------
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state` (e.g. read from a checkpoint); a ``{'epoch', 'step'}`` dict
+        (the format before grain) is accepted too. Raises ValueError on an invalid state, or if
+        ``grain`` disagrees with ``epoch``/``step`` (a state of a pipeline with another number of
+        steps per epoch)."""
+        spe = self.steps_per_epoch
+        position = None
+        if "epoch" in state or "step" in state:
+            epoch, step = int(state["epoch"]), int(state["step"])
+            if epoch < 0 or not 0 <= step <= spe:  # step == spe: the start of the next epoch
+                raise ValueError(f"Invalid pipeline state {dict(state)} ({spe} steps per epoch).")
+            position = epoch * spe + step
+        if "grain" in state:
+            next_index = int(state["grain"]["next_index"])
+            if next_index < 0 or position not in (None, next_index):
+                raise ValueError(f"Invalid pipeline state {dict(state)} ({spe} steps per epoch).")
+            position = next_index
+        if position is None:
+            raise ValueError(f"Pipeline state {dict(state)} has neither 'epoch'/'step' nor 'grain'.")
+        self._next = position
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Source rows in the order of ``epoch`` (the same in every process)."""
-        with self._lock:
-            cached = self._order_cache
-            if cached is not None and cached[0] == epoch:
-                return cached[1]
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-                order = self.indices[perm]
-            else:
-                order = self.indices
-            self._order_cache = (epoch, order)
-            return order
-
-    # -- decoding -------------------------------------------------------------------------------
-
-    def _executor_or_none(self) -> concurrent.futures.ThreadPoolExecutor | None:
-        if self.workers <= 0:
-            return None
-        with self._lock:
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(
-                    self.workers, thread_name_prefix="host_pipeline"
-                )
-            return self._executor
+        return self.reader.epoch_order(epoch)
 
     def load_example(self, epoch: int, position: int, row: int) -> tuple[np.ndarray, int]:
         """Decode and transform source row ``row`` at global ``position`` of ``epoch``."""
-        example = self.source[int(row)]
-        image = example[self.image_key]
-        label = self._map_label(int(np.asarray(example[self.label_key])))
-        if self.train:
-            rng = np.random.default_rng([self.seed, epoch, position])
-            out = train_transform(
-                image,
-                rng,
-                image_size=self.image_size,
-                scale=self.scale,
-                ratio=self.ratio,
-                flip=self.flip,
-                brightness=self.brightness,
-            )
+        return self.reader.load_example(epoch, position, row)
+
+    # -- grain iteration ------------------------------------------------------------------------
+
+    def _host_batches(self, first: int, stop: int) -> Iterator[tuple[int, Batch]]:
+        """``(g, local batch g)`` for ``g`` in ``[first, stop)``, decoded by grain."""
+        count = stop - first
+        workers = min(self.workers, count)
+        if count <= 0:
+            return
+        if workers == 0:
+            iterator = self.dataset.to_iter_dataset(_READ_INLINE).__iter__()
+            iterator.set_state({"next_index": first})
+        elif count * self.local_batch_size < workers * self.min_images_per_process:
+            # Too short to pay for starting processes: `workers` threads of this process (PIL
+            # releases the GIL), each decoding whole batches. The slice ends their work at `stop`.
+            threads = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(workers, self.prefetch))
+            iterator = self.dataset[first:stop].to_iter_dataset(threads).__iter__()
         else:
-            out = eval_transform(image, image_size=self.image_size, resize=self.test_resize)
-        return out, label
-
-    def _fill(
-        self, images: np.ndarray, labels: np.ndarray, i: int, epoch: int, position: int, row: int
-    ) -> None:
-        images[i], labels[i] = self.load_example(epoch, position, row)
-
-    def _start_batch(self, epoch: int, step: int):
-        size = self.image_size
-        images = np.zeros((self.local_batch_size, size, size, 3), np.uint8)
-        labels = np.zeros((self.local_batch_size,), np.int32)
-        mask = np.zeros((self.local_batch_size,), bool)
-        order = self.epoch_order(epoch)
-        first = step * self.batch_size + self.process_index * self.local_batch_size
-        executor = self._executor_or_none()
-        futures = []
-        for i in range(self.local_batch_size):
-            position = first + i
-            if position >= self.num_examples:
-                continue  # padding of the last evaluation batch
-            mask[i] = True
-            args = (images, labels, i, epoch, position, order[position])
-            if executor is None:
-                self._fill(*args)
-            else:
-                futures.append(executor.submit(self._fill, *args))
-        return epoch, step, Batch(images, labels, mask), futures
-
-    def _plan(self, epoch: int, start_step: int, num_epochs: int | None) -> Iterator[tuple[int, int]]:
-        e, s = epoch, start_step
-        while num_epochs is None or e < epoch + num_epochs:
-            while s < self.steps_per_epoch:
-                yield e, s
-                s += 1
-            e, s = e + 1, 0
-
-    def _host_batches(self, epoch: int, start_step: int, num_epochs: int | None):
-        plan = self._plan(epoch, start_step, num_epochs)
-        pending: collections.deque = collections.deque()
-
-        def top_up() -> None:
-            while len(pending) < self.prefetch:
-                nxt = next(plan, None)
-                if nxt is None:
-                    return
-                pending.append(self._start_batch(*nxt))
-
+            # Worker w decodes batches first + w, first + w + workers, ...; grain interleaves them
+            # back in order. Slicing (rather than set_state) ends the workers' work at `stop`.
+            _allow_unparsed_absl_flags()
+            options = grain.MultiprocessingOptions(
+                num_workers=workers, per_worker_buffer_size=-(-self.prefetch // workers)
+            )
+            iterator = self.dataset[first:stop].to_iter_dataset(_READ_INLINE).mp_prefetch(options)
+            iterator = iterator.__iter__()
+        self._iterators.add(iterator)
         try:
-            top_up()
-            while pending:
-                e, s, batch, futures = pending.popleft()
-                for future in futures:
-                    future.result()
-                top_up()  # keep the workers busy while the consumer uses this batch
-                yield e, s, batch
+            for g in range(first, stop):
+                element = next(iterator)
+                # np.asarray: plain ndarray views of grain's shared-memory arrays (no copy).
+                yield g, Batch(*(np.asarray(element[k]) for k in ("images", "labels", "mask")))
         finally:
-            for _, _, _, futures in pending:
-                for future in futures:
-                    future.cancel()
+            self._iterators.discard(iterator)
+            iterator.close()  # stops the worker processes
 
-    def _resolve_start(self, epoch: int | None, start_step: int | None) -> tuple[int, int]:
+    def _plan(self, epoch: int | None, start_step: int | None, num_epochs: int | None):
+        """``[first, stop)`` global batch indices of an iteration (default start: :meth:`state`)."""
+        spe = self.steps_per_epoch
         if epoch is None:
-            epoch = self._epoch
-            start_step = self._step if start_step is None else start_step
-        start_step = 0 if start_step is None else int(start_step)
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step {start_step} not in [0, {self.steps_per_epoch}].")
-        return int(epoch), start_step
+            epoch, step = divmod(self._next, spe)
+            step = step if start_step is None else int(start_step)
+        else:
+            epoch, step = int(epoch), 0 if start_step is None else int(start_step)
+        if not 0 <= step <= spe:
+            raise ValueError(f"start_step {step} not in [0, {spe}].")
+        first = epoch * spe + step
+        if num_epochs is None:
+            return first, MAX_BATCHES
+        return first, max(first, (epoch + int(num_epochs)) * spe)
 
     # -- public iterators -----------------------------------------------------------------------
 
@@ -459,11 +308,11 @@ class HostPipeline:
         """Local numpy batches from ``(epoch, start_step)`` (default: :meth:`state`) to the end of
         that epoch, or of ``num_epochs`` epochs (``None``: forever). Updates :meth:`state` as each
         batch is handed over."""
-        epoch, start_step = self._resolve_start(epoch, start_step)
+        first, stop = self._plan(epoch, start_step, num_epochs)
 
         def generate() -> Iterator[Batch]:
-            for e, s, batch in self._host_batches(epoch, start_step, num_epochs):
-                self._advance(e, s)
+            for g, batch in self._host_batches(first, stop):
+                self._next = g + 1
                 yield batch
 
         return generate()
@@ -473,13 +322,12 @@ class HostPipeline:
         return self.iterate()
 
     def batch(self, epoch: int, step: int) -> Batch:
-        """One local batch, without touching :meth:`state` (for inspection and tests)."""
+        """One local batch, decoded in this thread, without touching :meth:`state` (for inspection
+        and tests)."""
         if not 0 <= step < self.steps_per_epoch:
             raise ValueError(f"step {step} not in [0, {self.steps_per_epoch}).")
-        _, _, batch, futures = self._start_batch(epoch, step)
-        for future in futures:
-            future.result()
-        return batch
+        element = self.dataset[int(epoch) * self.steps_per_epoch + int(step)]
+        return Batch(element["images"], element["labels"], element["mask"])
 
     def default_sharding(self) -> jax.sharding.Sharding:
         """``self.sharding``, else ``NamedSharding(mesh, PartitionSpec('data'))``."""
@@ -495,10 +343,12 @@ class HostPipeline:
         num_epochs: int | None = 1,
         sharding: jax.sharding.Sharding | None = None,
     ) -> Iterator[Batch]:
-        """Like :meth:`iterate`, but yields global jax Arrays (batch axis sharded), built with
-        ``jax.make_array_from_process_local_data`` in a background thread, ``prefetch`` ahead.
+        """Like :meth:`iterate`, but yields global jax Arrays (batch axis sharded).
 
-        Needs ``process_count == jax.process_count()``.
+        The arrays are built with ``jax.make_array_from_process_local_data`` in the consuming thread
+        (no JAX call from a background thread): before it yields a batch, the iterator puts the
+        following ones on the devices (asynchronously), so ``prefetch`` batches are in flight while
+        the consumer runs its step. Needs ``process_count == jax.process_count()``.
         """
         if self.process_count != jax.process_count():
             raise ValueError(
@@ -512,61 +362,36 @@ class HostPipeline:
                 f"local batch {self.local_batch_size} is not divisible by this process's "
                 f"{local_devices} devices."
             )
-        epoch, start_step = self._resolve_start(epoch, start_step)
-        host = self._host_batches(epoch, start_step, num_epochs)
-        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        done = object()
+        first, stop = self._plan(epoch, start_step, num_epochs)
 
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                for e, s, batch in host:
-                    arrays = Batch(*(jax.make_array_from_process_local_data(sharding, x) for x in batch))
-                    if not put((e, s, arrays)):
-                        return
-                put(done)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                put(exc)
-            finally:
-                host.close()
-
-        thread = threading.Thread(target=produce, name="host_pipeline_device_put", daemon=True)
+        def put(item: tuple[int, Batch]) -> tuple[int, Batch]:
+            g, batch = item
+            return g, Batch(*(jax.make_array_from_process_local_data(sharding, x) for x in batch))
 
         def generate() -> Iterator[Batch]:
-            thread.start()
+            host = self._host_batches(first, stop)
             try:
-                while True:
-                    item = out.get()
-                    if item is done:
-                        return
-                    if isinstance(item, BaseException):
-                        raise item
-                    e, s, arrays = item
-                    self._advance(e, s)
+                in_flight = collections.deque(put(item) for item in itertools.islice(host, self.prefetch))
+                while in_flight:
+                    g, arrays = in_flight.popleft()
+                    following = next(host, None)
+                    if following is not None:
+                        in_flight.append(put(following))
+                    self._next = g + 1
                     yield arrays
             finally:
-                stop.set()
-                thread.join(timeout=60)
+                host.close()
 
         return generate()
 
     # -- lifetime -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the decoding threads (a later iteration starts new ones)."""
-        with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the worker processes of unfinished iterations (they cannot be resumed afterwards;
+        a new iteration starts new workers)."""
+        for iterator in list(self._iterators):
+            iterator.close()
+        self._iterators = weakref.WeakSet()
 
     def __enter__(self) -> HostPipeline:
         return self
