@@ -41,7 +41,24 @@ def run_epochs(*, step_fn, state, old_vars, stream, task_key, epochs: int, task:
     for key in ("compile", "data", "host", "sync", "steps"):
         t.setdefault(key, 0.0)
     clock = time.perf_counter
-    batches = stream.batches(first_epoch, first_step, epochs - first_epoch)
+
+    def close_epoch(epoch: int, sums: dict[str, Any]) -> None:
+        sync = clock()
+        means = {k: float(v) / spe for k, v in sums.items()}  # waits for the epoch's steps
+        t["sync"] += clock() - sync
+        bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}", refresh=False)
+        if not np.isfinite(means.get("loss", 0.0)):
+            raise UserError(
+                f"Training diverged: loss is {means['loss']} in task {task + 1}, epoch "
+                f"{epoch + 1} (steps {epoch * spe + 1}-{(epoch + 1) * spe}); lower train.lr "
+                "or check the data.")
+        if log_fn is not None:
+            log_fn(epoch, means)
+
+    if first_step >= spe:  # resumed exactly at the end of an epoch: close it as a run would have
+        close_epoch(first_epoch, sums)
+        first_epoch, first_step, sums = first_epoch + 1, 0, {}
+    batches = stream.batches(first_epoch, first_step, max(epochs - first_epoch, 0))
     try:
         while True:
             tick = clock()
@@ -61,22 +78,11 @@ def run_epochs(*, step_fn, state, old_vars, stream, task_key, epochs: int, task:
             bar.update(1)
             if after_step is not None:
                 after_step(state, epoch, step + 1, sums)
-            if step + 1 < spe:
-                t["host"] += clock() - tick
-                continue
-            sync = clock()
-            means = {k: float(v) / spe for k, v in sums.items()}  # waits for the epoch's steps
-            t["sync"] += clock() - sync
-            tick += clock() - sync
-            bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}", refresh=False)
-            if not np.isfinite(means.get("loss", 0.0)):
-                raise UserError(
-                    f"Training diverged: loss is {means['loss']} in task {task + 1}, epoch "
-                    f"{epoch + 1} (steps {epoch * spe + 1}-{(epoch + 1) * spe}); lower train.lr "
-                    "or check the data.")
-            if log_fn is not None:
-                log_fn(epoch, means)
-            sums = {}
+            if step + 1 == spe:
+                sync_before = t["sync"]
+                close_epoch(epoch, sums)
+                sums = {}
+                tick += t["sync"] - sync_before
             t["host"] += clock() - tick
     finally:
         batches.close()

@@ -45,6 +45,7 @@ class Position:
     epoch: int = 0
     step: int = 0  # steps done in ``epoch``
     sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    stream: dict[str, Any] = dataclasses.field(default_factory=dict)  # the batch stream's state
     global_step: int = 0
     save: int = 0  # id of the last checkpoint written
     metrics_lines: int = 0  # lines of metrics.jsonl that belong to the run so far
@@ -145,7 +146,7 @@ class Saver:
             self.logger.start_fresh()
             return None
         p = dict(restored.progress)
-        position = Position(**{f.name: p[f.name] for f in dataclasses.fields(Position)})
+        position = Position(**{f.name: p[f.name] for f in dataclasses.fields(Position) if f.name in p})
         self.position = dataclasses.replace(position)
         self._wall_before = position.wall_time_s
         self._started = time.perf_counter()

@@ -211,7 +211,9 @@ class TaskRunner:
         start, sums = (0, 0), None
         if resume is not None:
             position, train_state = resume
-            start, sums = (position.epoch, position.step), position.sums
+            sums = position.sums
+            start = (stream.restore(position.stream) if position.stream
+                     else (position.epoch, position.step))
         else:
             init = train_lib.init_head_state if finetune else train_lib.init_state
             train_state = init(state.params, state.batch_stats, tx)
@@ -223,8 +225,9 @@ class TaskRunner:
             self.saver.board.epoch(stage, means, lr, self.saver.position.global_step)
 
         def after_step(train_state, epoch, done, sums):
-            self.saver.after_step(state, Position(task=t, phase=stage, epoch=epoch, step=done,
-                                                  sums=sums), train_state)
+            position = Position(task=t, phase=stage, epoch=epoch, step=done, sums=sums,
+                                stream=stream.state(epoch, done))
+            self.saver.after_step(state, position, train_state)
 
         timing: dict[str, float] = {}
         try:

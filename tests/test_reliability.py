@@ -24,17 +24,28 @@ METRIC_KEYS = ("avg_incremental_accuracy", "last_accuracy", "accuracy_matrix", "
                "nme_accuracy_matrix")
 
 
-def _cmd(workdir):
+# The same scenario through the host (grain) pipeline: digits decoded and augmented on the host.
+HOST = ["--config.dataset.pipeline=host", "--config.dataset.image_size=8",
+        "--config.dataset.test_resize=8", "--config.dataset.workers=0",
+        "--config.train.batch_size=16", "--config.synthetic.batch_size=16"]
+
+
+def _cmd(workdir, extra=()):
     return [sys.executable, "-m", "sdcil_jax.main", "--config", QUICKSTART, "--workdir",
-            str(workdir), *SHORT]
+            str(workdir), *SHORT, *extra]
+
+
+def _strip(lines):
+    """metrics.jsonl records without their timings."""
+    return [{k: v for k, v in json.loads(x).items() if not k.endswith("time_s")} for x in lines]
 
 
 def _env(tmp_path):
     return dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
 
 
-def _run(workdir, tmp_path):
-    proc = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(tmp_path), capture_output=True,
+def _run(workdir, tmp_path, extra=()):
+    proc = subprocess.run(_cmd(workdir, extra), cwd=ROOT, env=_env(tmp_path), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -105,9 +116,7 @@ def test_sigkill_at_three_random_moments_gives_identical_metrics(reference, tmp_
     assert _metrics(workdir) == reference[0]
     ref_lines = (reference[1] / "metrics.jsonl").read_text().splitlines()
     got_lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "train_time_s"}  # noqa: E731
-                           for x in lines]
-    assert strip(got_lines) == strip(ref_lines)
+    assert _strip(got_lines) == _strip(ref_lines)
 
 
 @pytest.mark.slow
@@ -165,3 +174,39 @@ def test_corrupt_shard_is_regenerated_on_rerun(reference, tmp_path):
     for key in good:
         np.testing.assert_array_equal(again[key], good[key])
     assert _metrics(workdir) == reference[0]
+
+
+def _progress(workdir):
+    folder = Path(workdir) / "checkpoints"
+    out = []
+    for path in folder.glob("[0-9]*/progress/metadata") if folder.exists() else []:
+        try:
+            out.append(json.loads(path.read_text()))
+        except ValueError:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_of_the_host_pipeline_resumes_at_the_same_batch(tmp_path):
+    """The host (grain) pipeline: killed right after a mid-epoch checkpoint (which holds grain's
+    iterator state), the rerun continues at that batch and ends with the uninterrupted metrics."""
+    reference = tmp_path / "reference"
+    _run(reference, tmp_path, HOST)
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(_cmd(workdir, HOST), cwd=ROOT, env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        landed = _wait_for(lambda: any(p["phase"] == "train" and p["step"] > 0 and p["task"] == 1
+                                       for p in _progress(workdir)), proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=600)
+    assert landed
+    latest = max(_progress(workdir), key=lambda p: p["save"])
+    assert latest["phase"] in ("train", "finetune") and latest["step"] > 0
+    assert "grain" in latest["stream"]["real"]  # grain's iterator state, saved in the checkpoint
+    _run(workdir, tmp_path, HOST)
+    assert _metrics(workdir) == _metrics(reference)
+    assert _strip((workdir / "metrics.jsonl").read_text().splitlines()) == _strip(
+        (reference / "metrics.jsonl").read_text().splitlines())

@@ -36,6 +36,7 @@ import numpy as np
 from sdcil_jax import augment as aug_lib
 from sdcil_jax import parallel
 from sdcil_jax.data.pool import TaskPool
+from sdcil_jax.errors import ConfigError
 
 USES = {"none": (False, False), "distillation": (False, True), "classification": (True, False),
         "both": (True, True)}
@@ -88,6 +89,13 @@ class DeviceStream:
             for s in range(step if e == epoch else 0, len(order)):
                 yield e, s, {"index": parallel.put_global(order[s].astype(np.int32), sharding)}
 
+    def state(self, epoch: int, step: int) -> dict[str, Any]:
+        """Where the stream stands before ``(epoch, step)``: its batches are a function of it."""
+        return {"epoch": int(epoch), "step": int(step)}
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, int]:
+        return int(state["epoch"]), int(state["step"])
+
     def materialise(self, pool, batch, aug_key, synth_key):
         pool_x, pool_y = pool
         idx = batch["index"]
@@ -135,6 +143,11 @@ class HostStream(DecodedBatches):
         from sdcil_jax.data.host_pipeline import HostPipeline
 
         super().__init__(batch_size=batch_size, synth_batch=synth_batch, use_in=use_in, mesh=mesh)
+        if len(indices) < batch_size:  # the host pipeline drops a partial last batch
+            raise ConfigError(
+                f"A training stage has {len(indices)} images, fewer than train.batch_size="
+                f"{batch_size}, so the host pipeline makes no full batch; lower train.batch_size "
+                "(or raise memory.per_class for the balanced finetuning).")
         self.real = HostPipeline(pool.source, np.asarray(indices), batch_size=batch_size,
                                  train=True, seed=seed, mesh=mesh, **pipeline)
         self.synth = None
@@ -143,6 +156,21 @@ class HostStream(DecodedBatches):
                                       batch_size=self.synth_batch, train=True, seed=seed + 1,
                                       mesh=mesh, **pipeline)
         self.steps_per_epoch = self.real.steps_per_epoch
+
+    def state(self, epoch: int, step: int) -> dict[str, Any]:
+        """The pipelines' checkpointable states (grain's iterator position included) after the
+        batches handed over so far, i.e. before step ``step`` of ``epoch``."""
+        out = {"epoch": int(epoch), "step": int(step), "real": self.real.state()}
+        if self.synth is not None:
+            out["synth"] = self.synth.state()
+        return out
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, int]:
+        """Continue from :meth:`state` (grain state included); returns ``(epoch, step)``."""
+        self.real.restore(state["real"])
+        if self.synth is not None:
+            self.synth.restore(state["synth"])
+        return int(state["epoch"]), int(state["step"])
 
     def batches(self, epoch: int, step: int, num_epochs: int) -> Iterator[tuple[int, int, Any]]:
         spe = self.steps_per_epoch
