@@ -31,7 +31,7 @@ _EXPORTS = {
     "prompts_for_indices": "prompts",
     "readable_name": "prompts",
     "sample_images": "sampler",
-    "save_tiny_pipeline": "pipeline",
+    "save_tiny_pipeline": "tiny",
     "solver_table": "schedulers",
     "to_uint8": "sampler",
     "write_preview": "pool",

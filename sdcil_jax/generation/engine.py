@@ -136,14 +136,16 @@ class Engine:
         self.seed = int(seed)
         self._replicated = NamedSharding(self.mesh, P())
         self._sharded = NamedSharding(self.mesh, P(AXIS))
-        params = {"unet": model.params["unet"], "vae": model.params["vae"]}
+        # only what decoding uses of the VAE (its encoder never runs)
+        vae = {k: v for k, v in model.params["vae"].items() if k in ("decoder", "post_quant_conv")}
+        params = {"unet": model.params["unet"], "vae": vae}
         self._params = jax.tree_util.tree_map(lambda x: _put(x, self._replicated), params)
         self._key = _put(np.asarray(jax.random.PRNGKey(self.seed)), self._replicated)
         local = [d for d in devices if d.process_index == jax.process_index()]
         self._text_device = local[0] if local else jax.local_devices()[0]
         self._text_params = jax.device_put(model.params["text_encoder"], self._text_device)
         self._uncond: np.ndarray | None = None
-        self._shapes: set[tuple[int, ...]] = set()
+        self._entries: dict[tuple[int, ...], _Program] = {}
 
     # ------------------------------------------------------------------ text states
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
@@ -151,22 +153,24 @@ class Engine:
         ids = jax.device_put(self.model.tokenize(list(prompts)), self._text_device)
         return np.asarray(self.model.encode_text(self._text_params, ids))
 
-    def _uncond_state(self, n_prompts: int) -> np.ndarray:
+    def _uncond_state(self) -> np.ndarray:
+        """The empty prompt's text state (L, D), encoded once (as a batch of one)."""
         if self._uncond is None:
-            self._uncond = self.encode([""] * n_prompts)[0]
+            self._uncond = self.encode([""])[0]
         return self._uncond
 
     # ------------------------------------------------------------------ the program
     @property
     def traces(self) -> int:
         """How often this engine's programs were traced (each trace is one XLA compilation)."""
-        return sum(self._program_entry(shape).traces for shape in self._shapes)
+        return sum(entry.traces for entry in self._entries.values())
 
     def program(self, out_hw_c: Sequence[int]) -> Callable:
         """The jitted step for images of shape ``out_hw_c`` (built and compiled once)."""
         out_hw_c = tuple(int(v) for v in out_hw_c)
-        self._shapes.add(out_hw_c)
-        return self._program_entry(out_hw_c).fn
+        if out_hw_c not in self._entries:
+            self._entries[out_hw_c] = self._program_entry(out_hw_c)
+        return self._entries[out_hw_c].fn
 
     def _program_entry(self, out_hw_c: tuple[int, ...]) -> _Program:
         t = self.table
@@ -175,7 +179,7 @@ class Engine:
                self.guidance, out_hw_c, self.latent_shape, tuple(self.mesh.devices.flat),
                self.per_device)
         entry = _PROGRAMS.get(key)
-        if entry is None or entry.modules != (self.model.unet, self.model.vae):
+        if entry is None or entry.modules[0] is not self.model.unet:
             entry = _build_program(self.model.unet, self.model.vae, t, self.guidance, out_hw_c,
                                    self.latent_shape, self.mesh)
             _PROGRAMS[key] = entry
@@ -188,8 +192,8 @@ class Engine:
         B = self.per_device
         class_ids = np.concatenate([np.full(B, jobs[g.job].class_id) for g in groups])
         indices = np.concatenate([np.arange(g.start, g.start + B) for g in groups])
-        n_prompts = states[0].shape[0]
-        cond = np.stack([states[g.job][(g.start + k) % n_prompts] for g in groups for k in range(B)])
+        cond = np.stack([states[g.job][(g.start + k) % len(states[g.job])]
+                         for g in groups for k in range(B)])
         args = [_put(a, self._sharded) for a in (cond, class_ids.astype(np.uint32),
                                                   indices.astype(np.uint32))]
         return program(self._params, uncond, self._key, *args)
@@ -212,8 +216,7 @@ class Engine:
         jobs = [j for j in jobs if j.indices]
         start = time.perf_counter()
         program = self.program(out_hw_c)
-        n_prompts = len(jobs[0].prompts) if jobs else 1
-        uncond = _put(self._uncond_state(n_prompts), self._replicated)
+        uncond = _put(self._uncond_state(), self._replicated)
         states = [self.encode(job.prompts) for job in jobs]
         wanted = [set(int(i) for i in job.indices) for job in jobs]
         got: list[dict[int, np.ndarray]] = [{} for _ in jobs]
@@ -272,6 +275,20 @@ class Engine:
             f.result()
         return {"wall_s": time.perf_counter() - start, "images": float(total),
                 "steps": float(len(steps))}
+
+    def device_seconds_per_step(self, out_hw_c: Sequence[int], repeats: int = 5) -> float:
+        """Seconds per global step when steps are dispatched back to back with no host work in
+        between: the devices' busy time per step (for benchmarks; compiles if needed)."""
+        program = self.program(out_hw_c)
+        jobs = [ClassJob(0, ("",), tuple(range(self.batch_size)))]
+        groups = plan_steps(jobs, self.per_device, self.n_devices)[0]
+        states = [self.encode(jobs[0].prompts)]
+        uncond = _put(self._uncond_state(), self._replicated)
+        jax.block_until_ready(self._dispatch(program, groups, jobs, states, uncond))
+        start = time.perf_counter()
+        outs = [self._dispatch(program, groups, jobs, states, uncond) for _ in range(repeats)]
+        jax.block_until_ready(outs)
+        return (time.perf_counter() - start) / repeats
 
     def generate(self, class_id: int, prompts: Sequence[str], indices: Sequence[int],
                  out_hw_c: Sequence[int]) -> np.ndarray:

@@ -1,11 +1,12 @@
 """The Stable Diffusion model: its components, loaded one by one, and their pure forward functions.
 
-This is the only module that knows about ``diffusers`` and ``transformers``. It loads, with their
-public ``from_pretrained(..., subfolder=...)``, exactly what sampling uses: the CLIP tokenizer and text
-encoder, the UNet, the VAE and the scheduler's config (the noise schedule). The safety checker, the
-feature extractor and PyTorch weights are never downloaded. Everything else in
-:mod:`sdcil_jax.generation` calls the :class:`SDModel` methods below, so replacing the SD
-implementation (another Flax port, a JAX-native UNet) means rewriting this file only.
+With :mod:`sdcil_jax.generation.tiny`, the only module that knows about ``diffusers`` and
+``transformers``. It loads, with their public ``from_pretrained(..., subfolder=...)``, exactly what
+sampling uses: the CLIP tokenizer and text encoder, the UNet, the VAE and the scheduler's config (the
+noise schedule). The safety checker, the feature extractor and PyTorch weights are never downloaded.
+Everything else in :mod:`sdcil_jax.generation` calls :class:`SDModel`, :func:`unet_predict` and
+:func:`vae_decode`, so replacing the SD implementation (another Flax port, a JAX-native UNet) means
+rewriting these two files only.
 
 Weights and dtype: the floating parameters are cast to ``generation.dtype`` after loading (the
 modules also compute in that dtype), so bfloat16 holds half the memory of float32. For a hub id with
@@ -16,18 +17,15 @@ float32 download; set ``generation.bf16_revision=''`` to load ``'flax'`` and cas
 Backends (see :mod:`sdcil_jax.generation.backends`):
 
 - ``sd``: a hub id or a local ``save_pretrained`` folder.
-- ``tiny_sd``: a small randomly initialised model built in code, the SD v1 noise schedule. Its images
-  are noise; it exists to test the machinery offline and on CPU.
+- ``tiny_sd``: a small randomly initialised model built in code (:mod:`sdcil_jax.generation.tiny`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -38,14 +36,11 @@ import numpy as np
 
 from sdcil_jax.errors import GenerationError
 from sdcil_jax.generation.backends import BACKENDS, diffusion_backends
-from sdcil_jax.generation.schedulers import SD_V1_SCHEDULE
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 FLAX_REVISION = "flax"  # generation.revision's default: float32 Flax weights of SD v1.4
 
 _DEPRECATION_TEXT = "Flax classes are deprecated"
-_TINY_SEED = 0
-_MAX_TOKENS = 77
 
 
 class _FlaxDeprecationFilter(logging.Filter):
@@ -200,7 +195,9 @@ def load_model(gen_cfg: Any) -> SDModel:
             f"{', '.join(diffusion_backends())} (real_holdout copies real images and loads no model)."
         )
     if backend == "tiny_sd":
-        model = _tiny_model(dtype_name)
+        from sdcil_jax.generation.tiny import tiny_model
+
+        model = tiny_model(dtype_name)
     else:
         model = _load_sd(str(gen_cfg.model), effective_revision(gen_cfg), DTYPES[dtype_name])
     if bool(gen_cfg.get("memory_efficient_attention", False)):
@@ -345,121 +342,6 @@ def _load_sd(model: str, revision: str, dtype: Any) -> SDModel:
         raise _unreachable(model, revision, why) from None
     finally:
         _silence_flax_deprecation()
-
-
-# --------------------------------------------------------------------------------------------
-# tiny_sd: a small random model built in code
-
-
-def _tiny_tokenizer():
-    """A character-level CLIPTokenizer from a vocab written to a temporary folder."""
-    from transformers import CLIPTokenizer
-
-    chars = [chr(c) for c in range(33, 127)]
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-    with tempfile.TemporaryDirectory(prefix="sdcil_tiny_tok_") as tmp:
-        vocab_file = os.path.join(tmp, "vocab.json")
-        merges_file = os.path.join(tmp, "merges.txt")
-        with open(vocab_file, "w", encoding="utf-8") as f:
-            json.dump({tok: i for i, tok in enumerate(tokens)}, f)
-        with open(merges_file, "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
-        return CLIPTokenizer(vocab_file, merges_file, model_max_length=_MAX_TOKENS)
-
-
-def _random_params(shapes: Any, seed: int) -> dict:
-    """Deterministic random float32 parameters for a tree of ShapeDtypeStructs (numpy, no compile).
-
-    Initialising the tiny UNet/VAE through JAX costs about a minute of XLA compilation on CPU; the
-    shapes come from ``jax.eval_shape`` instead and the values from a fixed numpy seed: norm
-    scales 1, biases 0, embeddings N(0, 0.02), kernels N(0, 1/fan_in).
-    """
-    from flax.core import unfreeze
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    rng = np.random.default_rng(seed)
-    flat = flatten_dict(unfreeze(shapes))
-    out = {}
-    for path in sorted(flat):
-        spec = flat[path]
-        if path[-1] == "scale":
-            value = np.ones(spec.shape)
-        elif path[-1] == "bias":
-            value = np.zeros(spec.shape)
-        elif path[-1] == "embedding":
-            value = rng.normal(0.0, 0.02, spec.shape)
-        else:
-            fan_in = int(np.prod(spec.shape[:-1])) or 1
-            value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), spec.shape)
-        out[path] = value.astype(spec.dtype)
-    return unflatten_dict(out)
-
-
-@functools.lru_cache(maxsize=1)
-def _tiny_float32() -> tuple[Any, Any, Any, Any, dict]:
-    """Modules (float32) and float32 parameters of the tiny model, built once per process."""
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel
-
-    _, unet_cls, vae_cls, _ = _diffusers()
-    tokenizer = _tiny_tokenizer()
-    unet = unet_cls(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4,
-        out_channels=4, cross_attention_dim=32, attention_head_dim=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    )
-    vae = vae_cls(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1,
-    )
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=37,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=_MAX_TOKENS,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = FlaxCLIPTextModel(text_config, seed=_TINY_SEED, _do_init=False)
-    key = jax.random.PRNGKey(_TINY_SEED)
-    shapes = {
-        "unet": jax.eval_shape(unet.init_weights, key),
-        "vae": jax.eval_shape(vae.init_weights, key),
-        "text_encoder": jax.eval_shape(
-            lambda k: text_encoder.init_weights(k, (1, _MAX_TOKENS)), key
-        ),
-    }
-    params = {
-        name: _random_params(tree, _TINY_SEED + i) for i, (name, tree) in enumerate(shapes.items())
-    }
-    _silence_flax_deprecation()
-    return tokenizer, text_encoder, unet, vae, params
-
-
-@functools.lru_cache(maxsize=4)
-def _tiny_model(dtype_name: str) -> SDModel:
-    """The tiny model computing in ``dtype_name`` (parameters cast from the float32 ones)."""
-    from transformers import FlaxCLIPTextModel
-
-    tokenizer, text_encoder, unet, vae, params = _tiny_float32()
-    dtype = DTYPES[dtype_name]
-    text_encoder = FlaxCLIPTextModel(text_encoder.config, seed=_TINY_SEED, dtype=dtype,
-                                     _do_init=False)
-    return SDModel(tokenizer, text_encoder, unet.clone(dtype=dtype), vae.clone(dtype=dtype),
-                   dict(SD_V1_SCHEDULE), _cast(params, dtype), dtype)
-
-
-def save_tiny_pipeline(path: str) -> str:
-    """Write the tiny model (float32) with diffusers' ``save_pretrained``; ``sd`` loads the folder."""
-    pipeline_cls, _, _, scheduler_cls = _diffusers()
-    tokenizer, text_encoder, unet, vae, params = _tiny_float32()
-    scheduler = scheduler_cls(**{k: v for k, v in SD_V1_SCHEDULE.items() if k != "clip_sample"})
-    pipe = pipeline_cls(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None,
-    )
-    pipe.save_pretrained(path, params={**params, "scheduler": scheduler.create_state()})
-    _silence_flax_deprecation()
-    return path
 
 
 def diffusers_pipeline(model: SDModel, scheduler: str = "pndm") -> tuple[Any, dict]:

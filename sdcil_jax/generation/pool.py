@@ -257,7 +257,7 @@ def _fill_generated(store, gen_cfg, seed, plan, old, names, image_shape, progres
         store.write_shard(class_id, images, indices, class_name=names[class_id],
                           prompts=list(all_prompts[class_id]))
 
-    stats = engine.run(jobs, image_shape, write, progress=progress)
+    stats = engine.run(jobs, image_shape, write, progress=progress and lead)
     if stats["images"]:
         log.info("Generated %d images in %.1f s (%.2f images/s; %d steps of %d devices x %d).",
                  stats["images"], stats["wall_s"], stats["images"] / max(stats["wall_s"], 1e-9),
