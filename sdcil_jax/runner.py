@@ -15,6 +15,7 @@ import numpy as np
 
 from sdcil_jax import config as config_lib
 from sdcil_jax import distributed, fileio, reporting
+from sdcil_jax import plan as plan_lib
 from sdcil_jax.checkpoint import SaveTimer
 from sdcil_jax.data import (
     Dataset,
@@ -255,6 +256,9 @@ def train(exp: Experiment, checkpointer, guard: PreemptionGuard, progress: bool 
         state, position, train_state = restored
         first = position.task + 1 if position.phase == "task_done" else position.task
         resume = None if position.phase == "task_done" else (position, train_state)
+    runner.plan = plan_lib.training_plan(exp)
+    if distributed.is_main() and first < exp.scenario.num_tasks:
+        print(plan_lib.plan_line(runner.plan, first), flush=True)
     guard.deferred = True  # from now on a signal is handled after the current step
     try:
         for t in range(first, exp.scenario.num_tasks):
