@@ -281,10 +281,13 @@ def open_checkpointer(exp: Experiment, restart: bool):
 
     extra = {"scenario.resolved_class_order": [int(c) for c in exp.scenario.class_order],
              "scenario.num_tasks_resolved": exp.scenario.num_tasks,
-             "dataset.image_shape": list(exp.dataset.image_shape),
-             "runtime.device_count": jax.device_count()}
+             "dataset.image_shape": list(exp.dataset.image_shape)}
+    # The device and process counts change only the float rounding of the global reductions.
+    soft = {"runtime.device_count": jax.device_count(),
+            "runtime.process_count": jax.process_count()}
     ckpt = Checkpointer(os.path.join(exp.workdir, "checkpoints"), keep=exp.config.checkpoint.keep,
-                        fingerprint_fields=config_fields(exp.config, extra=extra))
+                        fingerprint_fields=config_fields(exp.config, extra=extra),
+                        soft_fields=soft)
     if restart:
         moved = ckpt.restart()
         if moved and distributed.is_main():
