@@ -8,8 +8,8 @@ import pytest
 
 from sdcil_jax.config import base_config, load_config_file
 from sdcil_jax.data import apply_class_name_overrides, named_orders, order_names, resolve_class_order
-from sdcil_jax.data.datasets import readable_class_names
 from sdcil_jax.data.resources import imagenet_lemmas, load_resource
+from sdcil_jax.data.tfds_io import readable_class_names
 from sdcil_jax.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

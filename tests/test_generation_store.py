@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from sdcil_jax.config import CHOICES, base_config, validate
+from sdcil_jax.config import base_config, choices, validate
 from sdcil_jax.errors import ConfigError, GenerationError, UserError
 from sdcil_jax.generation import (
     BACKENDS,
@@ -165,8 +165,8 @@ def test_unknown_dtype_and_backend():
 
 
 def test_config_choices_come_from_the_registries():
-    assert CHOICES["generation.backend"] == tuple(BACKENDS) == ("sd", "tiny_sd", "real_holdout")
-    assert CHOICES["generation.scheduler"] == SCHEDULERS
+    assert choices()["generation.backend"] == tuple(BACKENDS) == ("sd", "tiny_sd", "real_holdout")
+    assert choices()["generation.scheduler"] == SCHEDULERS
     config = base_config()
     assert config.generation.scheduler == "pndm" and not config.generation.memory_efficient_attention
     config.generation.scheduler = "euler"

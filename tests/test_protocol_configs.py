@@ -129,8 +129,8 @@ def test_imagenet_subset_is_an_explicit_list():
 
 def test_imagenet1k_prompt_names_are_unique():
     from sdcil_jax.data import apply_class_name_overrides
-    from sdcil_jax.data.datasets import readable_class_names
     from sdcil_jax.data.resources import load_resource
+    from sdcil_jax.data.tfds_io import readable_class_names
 
     wnids = [wnid for wnid, _ in load_resource("imagenet_class_names.json")["classes"]]
     names = readable_class_names("imagenet2012", wnids, 1000)
