@@ -10,9 +10,9 @@ Compiles, for the CPU backend and from abstract weights (nothing is downloaded),
 * the same for ResNet-18 on 224x224 ImageNet images.
 
 XLA counts a multiply-add as 2 FLOPs. These are compiler counts for the CPU backend: another
-backend fuses differently but does the same arithmetic. Per generated image (50 steps, guidance):
-``steps x UNet(batch 2) + VAE decode``. Divide by a chip's peak FLOP/s times an assumed utilisation
-to project a time; that is a projection, not a measurement.
+backend fuses differently but does the same arithmetic. Per generated image (with guidance):
+``UNet calls x UNet(batch 2) + VAE decode`` (PLMS makes 51 calls in 50 steps). Divide by a chip's
+peak FLOP/s times an assumed utilisation to project a time; that is a projection, not a measurement.
 
     python benchmarks/flops.py            # about 1-3 minutes on 2 CPU cores
 """
@@ -44,12 +44,11 @@ def abstract(tree, dtype):
 
 def sd14_counts(dtype=jnp.bfloat16) -> dict[str, float]:
     """FLOPs of one guided UNet call (batch 2) and one VAE decode of SD v1.4 at 512x512."""
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-    from diffusers.utils import logging as diffusers_logging
-
+    from sdcil_jax.generation import pipeline
     from sdcil_jax.generation.pipeline import unet_predict, vae_decode
 
-    diffusers_logging.set_verbosity_error()  # one deprecation notice per Flax module otherwise
+    # The project's import silences diffusers' per-construction Flax deprecation notice.
+    _, FlaxUNet2DConditionModel, FlaxAutoencoderKL, _ = pipeline._diffusers()
     unet = FlaxUNet2DConditionModel(cross_attention_dim=768, sample_size=64, dtype=dtype)
     vae = FlaxAutoencoderKL(
         block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
@@ -96,10 +95,14 @@ def resnet_counts(name: str, batch: int, size: int) -> dict[str, float]:
 
 def main() -> None:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}")
+    from sdcil_jax.generation.schedulers import SD_V1_SCHEDULE, solver_table
+
     sd = sd14_counts()
-    for steps in (50, 20):
-        per_image = steps * sd["unet_guided_step"] + sd["vae_decode"]
-        print(f"  per image, {steps} guided steps + decode: {per_image / 1e12:.1f} TFLOP")
+    for scheduler, steps in (("pndm", 50), ("ddim", 50), ("dpm_solver", 20)):
+        calls = solver_table(scheduler, SD_V1_SCHEDULE, steps).num_evaluations
+        per_image = calls * sd["unet_guided_step"] + sd["vae_decode"]
+        print(f"  per image, {scheduler} {steps} steps ({calls} guided UNet calls) + decode: "
+              f"{per_image / 1e12:.1f} TFLOP")
     resnet_counts("resnet32", 128, 32)
     resnet_counts("resnet18", 64, 224)
 

@@ -136,7 +136,7 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 # XLA's FLOP counts (``python benchmarks/flops.py``, benchmarks/RESULTS.md "Planning numbers"):
 # SD v1.4 at 512x512 (64x64 latents), one UNet row and one VAE decode; backbone forwards per image.
-SD14_UNET_TFLOP = 0.798  # one UNet call on one latent (a guided step is two rows)
+SD14_UNET_TFLOP = 0.797  # one UNet call on one latent (a guided step is two rows)
 SD14_DECODE_TFLOP = 2.513  # VAE decode of one 512x512 image
 # Train-mode forward per image at the protocols' sizes: ResNet-32 at 32x32, ResNet-18 (PODNet's stem) at
 # 224x224.
