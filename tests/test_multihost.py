@@ -109,6 +109,20 @@ def log_records(workdir: Path) -> list[dict]:
     return out
 
 
+def assert_same_records(got: list[dict], want: list[dict]) -> None:
+    """Same records, once each; floats to 1e-4 relative. Across 2 processes the gradient and loss
+    all-reduces (gloo) add the 4 devices' partial sums in another order than within one process: a
+    last-bit difference that training carries forward (measured: up to 2.5e-6 relative in the
+    losses of task 2), while the accuracies, compared exactly by ``metrics``, stay identical."""
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    for a, b in zip(got, want, strict=True):
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, a, b)
+            else:
+                assert a[key] == value, (key, a, b)
+
+
 def store_images(workdir: Path) -> dict[str, bytes]:
     out = {}
     for path in sorted((workdir / "replay_store").glob("class_*")):
@@ -159,7 +173,7 @@ def test_two_processes_equal_one_process(reference, tfds_dir, tmp_path):
     workdir = tmp_path / "run"
     run(workdir, tfds_dir, 2)
     assert metrics(workdir) == metrics(reference)
-    assert log_records(workdir) == log_records(reference)  # each record once, same values
+    assert_same_records(log_records(workdir), log_records(reference))
     assert store_images(workdir) == store_images(reference)
     assert "average incremental accuracy" in _log(workdir, 0)
     assert "average incremental accuracy" not in _log(workdir, 1)  # process 0 prints
@@ -181,7 +195,7 @@ def test_sigterm_to_one_process_stops_both_then_resume(reference, tfds_dir, tmp_
     assert codes == [143, 143], (codes, _log(workdir, 0), _log(workdir, 1))
     run(workdir, tfds_dir, 2)
     assert metrics(workdir) == metrics(reference)
-    assert log_records(workdir) == log_records(reference)
+    assert_same_records(log_records(workdir), log_records(reference))
 
 
 def test_sigkill_of_one_process_then_rerun(reference, tfds_dir, tmp_path):
@@ -195,4 +209,4 @@ def test_sigkill_of_one_process_then_rerun(reference, tfds_dir, tmp_path):
     kill(procs)  # process 0 would wait in a collective for its lost peer
     run(workdir, tfds_dir, 2, extra)
     assert metrics(workdir) == metrics(reference)
-    assert log_records(workdir) == log_records(reference)
+    assert_same_records(log_records(workdir), log_records(reference))

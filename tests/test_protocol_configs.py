@@ -204,6 +204,7 @@ def _tiny(config, data_dir) -> None:
     config.synthetic.per_class = 2
     config.synthetic.batch_size = 8
     config.memory.per_class = 2
+    config.method.proxies_per_class = 2  # k-means imprinting needs that many images of a new class
     config.train.epochs = 1
     config.train.batch_size = 8
     config.train.eval_batch_size = 64
