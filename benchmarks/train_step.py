@@ -104,6 +104,8 @@ def jax_step(setting: dict, seed: int = 0):
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
     holder = {"state": state}
+    parts = dict(backbone=backbone, method=method, stream=stream, batches=batches, state=state,
+                 old=old, mean=mean, std=std, key=key)
 
     def run(steps: int) -> float:
         start = time.perf_counter()
@@ -113,6 +115,7 @@ def jax_step(setting: dict, seed: int = 0):
         jax.block_until_ready(metrics["loss"])
         return time.perf_counter() - start
 
+    run.parts = parts
     return run, batch + synth, flops
 
 
