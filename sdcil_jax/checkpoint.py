@@ -136,7 +136,8 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3,
-                 fingerprint_fields: Mapping[str, Any]):
+                 fingerprint_fields: Mapping[str, Any],
+                 soft_fields: Mapping[str, Any] | None = None):
         if int(keep) < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         directory = os.fspath(directory)
@@ -144,6 +145,9 @@ class Checkpointer:
         self.keep = int(keep)
         self.fields = canonical(dict(fingerprint_fields))
         self.fingerprint = fingerprint_of(self.fields)
+        # Settings that change results only by float rounding (e.g. the device count): a
+        # difference is a warning, and the run continues.
+        self.soft_fields = canonical(dict(soft_fields or {}))
         self.last_save_seconds: float | None = None
         self._manager = self._open()
 
@@ -202,6 +206,7 @@ class Checkpointer:
             checksums["old"] = files.tree_digest(host_old)
         meta = {"format_version": FORMAT_VERSION, "library_version": __version__,
                 "fingerprint": self.fingerprint, "fields": self.fields,
+                "soft_fields": self.soft_fields,
                 "has_old": host_old is not None, "saved_at": time.time(), "checksums": checksums}
         args = {name: ocp.args.JsonSave(value) for name, value in json_items.items()}
         args["meta"] = ocp.args.JsonSave(meta)
@@ -349,6 +354,11 @@ class Checkpointer:
             raise CheckpointMismatchError(
                 f"The checkpoints in {self.directory} were made with a different config ({shown}); "
                 "use another --workdir or pass --restart to start over.")
+        soft = diff_fields(meta.get("soft_fields", {}), self.soft_fields)
+        if soft:
+            log.warning("Resuming the checkpoints in %s on other hardware (%s): results will "
+                        "equal an uninterrupted run's only to float rounding.", self.directory,
+                        ", ".join(soft))
 
     def restart(self) -> str | None:
         """Move the existing checkpoints to ``<directory>.old-<time>`` and start empty.

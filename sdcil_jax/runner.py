@@ -15,6 +15,7 @@ import numpy as np
 
 from sdcil_jax import config as config_lib
 from sdcil_jax import distributed, fileio, reporting
+from sdcil_jax import plan as plan_lib
 from sdcil_jax.checkpoint import SaveTimer
 from sdcil_jax.data import (
     Dataset,
@@ -263,6 +264,9 @@ def train(exp: Experiment, checkpointer, guard: PreemptionGuard, progress: bool 
         state, position, train_state = restored
         first = position.task + 1 if position.phase == "task_done" else position.task
         resume = None if position.phase == "task_done" else (position, train_state)
+    runner.plan = plan_lib.training_plan(exp)
+    if distributed.is_main() and first < exp.scenario.num_tasks:
+        print(plan_lib.plan_line(runner.plan, first), flush=True)
     guard.deferred = True  # from now on a signal is handled after the current step
     try:
         for t in range(first, exp.scenario.num_tasks):
@@ -285,10 +289,13 @@ def open_checkpointer(exp: Experiment, restart: bool):
 
     extra = {"scenario.resolved_class_order": [int(c) for c in exp.scenario.class_order],
              "scenario.num_tasks_resolved": exp.scenario.num_tasks,
-             "dataset.image_shape": list(exp.dataset.image_shape),
-             "runtime.device_count": jax.device_count()}
+             "dataset.image_shape": list(exp.dataset.image_shape)}
+    # The device and process counts change only the float rounding of the global reductions.
+    soft = {"runtime.device_count": jax.device_count(),
+            "runtime.process_count": jax.process_count()}
     ckpt = Checkpointer(os.path.join(exp.workdir, "checkpoints"), keep=exp.config.checkpoint.keep,
-                        fingerprint_fields=config_fields(exp.config, extra=extra))
+                        fingerprint_fields=config_fields(exp.config, extra=extra),
+                        soft_fields=soft)
     if restart:
         moved = ckpt.restart()
         if moved and distributed.is_main():

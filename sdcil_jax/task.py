@@ -21,6 +21,7 @@ import numpy as np
 
 from sdcil_jax import distributed, loop, parallel, reporting
 from sdcil_jax import evaluate as ev
+from sdcil_jax import plan as plan_lib
 from sdcil_jax import train as train_lib
 from sdcil_jax.data import memory as memory_lib
 from sdcil_jax.data import pool as pool_lib
@@ -45,6 +46,7 @@ class TaskRunner:
 
     def __init__(self, exp, saver: Saver, progress: bool = True):
         self.exp, self.saver, self.progress = exp, saver, progress
+        self.plan = None  # a plan.training_plan(exp), for the projected time after each task starts
         cfg, ds = exp.config, exp.dataset
         self.mesh = parallel.make_mesh()
         self.backbone = build_backbone(cfg.model)
@@ -220,17 +222,25 @@ class TaskRunner:
             train_state = init(state.params, state.batch_stats, tx)
         train_state = parallel.put_replicated(train_state, self.mesh)
 
+        timing: dict[str, float] = {}
+
         def log_epoch(epoch, means):
             lr = float(lr_fn(epoch * spe))
             self.saver.logger.log({"event": stage, "task": t, "epoch": epoch, **means, "lr": lr})
             self.saver.board.epoch(stage, means, lr, self.saver.position.global_step)
+            if (stage == "train" and self.plan is not None and distributed.is_main()
+                    and timing["steps"] and epoch == start[0]):
+                busy = (time.perf_counter() - clock - timing["compile"]
+                        - (self.saver.save_seconds - saved))
+                done = start[0] * spe + start[1] + int(timing["steps"])
+                print(plan_lib.projection_line(self.plan, t, done, busy / timing["steps"]),
+                      flush=True)
 
         def after_step(train_state, epoch, done, sums):
             position = Position(task=t, phase=stage, epoch=epoch, step=done, sums=sums,
                                 stream=stream.state(epoch, done))
             self.saver.after_step(state, position, train_state)
 
-        timing: dict[str, float] = {}
         try:
             train_state = loop.run_epochs(
                 step_fn=step_fn, state=train_state, old_vars=state.old, stream=stream,

@@ -146,7 +146,7 @@ CASES = [
          "--restart", workdir="trained"),
     Case("nan-loss", ("--mode", "train", "--config.train.lr=1e30"),
          "loss is nan in task 1, epoch 1 (steps 1-", "lower train.lr", workdir="store",
-         new_files=RUN_STARTED + ("work/metrics.jsonl",)),
+         new_files=RUN_STARTED + ("work/metrics.jsonl", "work/tensorboard/*")),
 ]
 
 

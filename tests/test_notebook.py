@@ -6,10 +6,23 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+from sdcil_jax.errors import UserError
+from sdcil_jax.notebook import (
+    DrivePathError,
+    check_drive_paths,
+    move_aside_local_files,
+    needs_tensorflow,
+    plan_lines,
+    run_plan,
+    storage_layout,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "colab" / "sdcil_jax_tpu.ipynb"
@@ -84,9 +97,132 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
     assert 0.0 <= results["last_accuracy"] <= 100.0
     assert len(results["per_task"]) == 2
     assert results["config"]["generation"]["backend"] == "tiny_sd"
+    plan = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   and "run_plan(" in c.source for o in c.outputs)
+    assert "generate:" in plan and "train:" in plan, plan
     for name in ("replay_store/preview.png", "accuracy_per_task.png", "accuracy_matrix.png",
                  "replay_grid.png"):
         assert (workdir / name).is_file(), name
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
                  if "image/png" in o.get("data", {}))
     assert images == 4  # preview, two plots, grid
+
+
+# ---- Drive storage ---------------------------------------------------------------------------------
+
+def _fake_unmounted_drive(tmp_path: Path) -> Path:
+    """A plain folder at a 'mount point' holding MyDrive/: what a run leaves behind when it writes to a
+    Drive path before Drive is mounted."""
+    mount = tmp_path / "drive"
+    (mount / "MyDrive" / "sdcil_jax" / "runs").mkdir(parents=True)
+    return mount
+
+
+def test_unmounted_drive_path_is_refused_with_the_fix(tmp_path):
+    mount = _fake_unmounted_drive(tmp_path)
+    runs = str(mount / "MyDrive" / "sdcil_jax" / "runs")
+    with pytest.raises(DrivePathError) as info:
+        check_drive_paths({"RUNS_DIR": runs}, mount_point=str(mount))
+    message = str(info.value)
+    assert isinstance(info.value, UserError)
+    assert "\n" not in message and message.count(". ") == 0, message  # one sentence
+    assert runs in message and "not mounted" in message
+    assert f"drive.mount({str(mount)!r})" in message  # names the fix
+
+
+def test_drive_paths_accepted_when_mounted_or_elsewhere(tmp_path):
+    mount = _fake_unmounted_drive(tmp_path)
+    local = {"RUNS_DIR": str(tmp_path / "runs"), "DATA_DIR": "", "HF_CACHE": None}
+    check_drive_paths(local, mount_point=str(mount))  # not under the mount point: fine
+    on_drive = {"RUNS_DIR": str(mount / "MyDrive" / "runs"),
+                "STORE_DIR": str(mount / "Shareddrives" / "team" / "store")}
+    check_drive_paths(on_drive, mount_point=str(mount), mounted=True)
+    with pytest.raises(DrivePathError, match="MyDrive"):  # the mount's root is not writable
+        check_drive_paths({"RUNS_DIR": str(mount / "runs")}, mount_point=str(mount), mounted=True)
+
+
+def test_relative_path_under_the_mount_point_is_refused(tmp_path, monkeypatch):
+    mount = _fake_unmounted_drive(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DrivePathError, match="drive.mount"):
+        check_drive_paths({"WORKDIR": "drive/MyDrive/run"}, mount_point=str(mount))
+
+
+def test_local_files_at_the_mount_point_are_moved_aside(tmp_path):
+    mount = _fake_unmounted_drive(tmp_path)
+    assert move_aside_local_files(str(mount)) == f"{mount}_local"
+    assert not mount.exists() and (tmp_path / "drive_local" / "MyDrive" / "sdcil_jax").is_dir()
+    mount.mkdir()
+    assert move_aside_local_files(str(mount)) is None  # empty: drive.mount accepts it
+    (mount / "x").write_text("x")
+    assert move_aside_local_files(str(mount)) == f"{mount}_local1"  # nothing is overwritten
+    assert move_aside_local_files(str(tmp_path / "absent")) is None
+
+
+def test_storage_layout():
+    assert storage_layout("/d/sdcil") == {
+        "runs": "/d/sdcil/runs", "replay_store": "/d/sdcil/replay_store",
+        "tensorflow_datasets": "/d/sdcil/tensorflow_datasets", "hf_cache": "/d/sdcil/hf_cache"}
+
+
+def test_tensorflow_only_needed_to_prepare(tmp_path):
+    assert not needs_tensorflow("digits", str(tmp_path))
+    assert needs_tensorflow("cifar100", str(tmp_path))  # not prepared there
+
+
+def test_notebook_refuses_unmounted_drive_path(tmp_path, monkeypatch):
+    """The notebook's storage cell refuses a Drive path when Drive is not mounted (fake mount point)."""
+    mount = _fake_unmounted_drive(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    storage = next(i for i, c in enumerate(nb.cells) if "check_drive_paths(" in c.source)
+    params = nbformat.v4.new_code_cell(
+        f"DRIVE_MOUNT = {str(mount)!r}\nRUNS_DIR = {str(mount / 'MyDrive' / 'runs')!r}\n")
+    nb.cells = nb.cells[:_parameters_index(nb) + 1] + [params] + nb.cells[_parameters_index(nb) + 1:
+                                                                         storage + 1]
+    km = _this_python_kernel()
+    client = NotebookClient(nb, timeout=120, kernel_name="python3", km=km,
+                            resources={"metadata": {"path": str(ROOT)}})
+    try:
+        with pytest.raises(CellExecutionError) as info:
+            client.execute()
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+    assert "DrivePathError" in str(info.value) and "drive.mount(" in str(info.value)
+    assert not (mount / "MyDrive" / "runs").exists()  # refused before anything was written
+
+
+# ---- plan ------------------------------------------------------------------------------------------
+
+def _cifar100_plan(**kwargs):
+    from sdcil_jax.config import load_config_file
+    from sdcil_jax.data import build_scenario
+
+    config = load_config_file(str(ROOT / "configs" / "cifar100.py"))
+    labels = np.repeat(np.arange(100), 500)  # CIFAR100: 500 training images per class
+    return run_plan(config, build_scenario(config, 100), labels, **kwargs)
+
+
+def test_plan_of_cifar100_b50_on_a_v5e_chip():
+    scenario_first = [int(c) for c in json.loads(
+        (ROOT / "sdcil_jax" / "resources" / "class_orders.json").read_text())["cifar100"][0][:10]]
+    plan = _cifar100_plan(stored={c: 500 for c in scenario_first}, device_kind="TPU v5 lite")
+    assert plan["generate_classes"] == 90 and plan["images"] == 45_000
+    assert plan["images_to_go"] == 40_000  # ten classes already complete in the store
+    # 160 epochs: 196 steps of 128 on 25,000 images, then 5,000 new + 20 per old class.
+    assert plan["train_steps"] == 160 * (196 + 47 + 49 + 50 + 52 + 54)
+    assert plan["tflop_per_image"] == pytest.approx(51 * 2 * 0.797 + 2.513)  # PLMS: 51 UNet calls
+    low, high = plan["generation_hours"]
+    assert low == pytest.approx(40_000 * plan["tflop_per_image"] / (197 * 0.5) / 3600)
+    assert 9 < low < high < 17
+    assert plan["training_hours"][1] < 1
+    text = "\n".join(plan_lines(plan))
+    assert "40,000 to go" in text and "not a measurement" in text
+
+
+def test_plan_without_a_known_chip_has_no_projection():
+    plan = _cifar100_plan(device_kind="cpu")
+    assert plan["generation_hours"] is None and plan["peak_tflops"] is None
+    assert "no projection" in plan_lines(plan)[-1]

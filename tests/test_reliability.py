@@ -210,3 +210,24 @@ def test_sigkill_mid_epoch_of_the_host_pipeline_resumes_at_the_same_batch(tmp_pa
     assert _metrics(workdir) == _metrics(reference)
     assert _strip((workdir / "metrics.jsonl").read_text().splitlines()) == _strip(
         (reference / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_resume_on_fewer_devices_continues_with_a_warning(tmp_path):
+    """A checkpoint made on 4 devices resumes on 2: the device count only changes float rounding,
+    so the run continues (with a warning) instead of being refused."""
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: _n_checkpoints(workdir) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    env = dict(_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    rerun = subprocess.run(_cmd(workdir), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from checkpoint" in rerun.stdout
+    assert "on other hardware (runtime.device_count (4 -> 2))" in rerun.stderr
+    results = json.loads((workdir / "results.json").read_text())
+    assert len(results["per_task"]) == 2

@@ -105,7 +105,7 @@ def resolve_class_order(config: Any, num_classes: int | None = None) -> list[int
     to the number of classes of ``config.dataset.name`` read from its tfds metadata.
     """
     if num_classes is None:
-        from sdcil_jax.data.datasets import dataset_num_classes  # avoids importing tfds eagerly
+        from sdcil_jax.data.tfds_io import dataset_num_classes  # avoids importing tfds eagerly
 
         num_classes = dataset_num_classes(config.dataset.name, config.dataset.data_dir)
     order, description = _parse_order(config.scenario.class_order, int(num_classes))

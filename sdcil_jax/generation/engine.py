@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from sdcil_jax.generation.pipeline import unet_predict, vae_decode
+from sdcil_jax.generation.model import unet_predict, vae_decode
 from sdcil_jax.generation.sampler import sample_images
 from sdcil_jax.generation.schedulers import solver_table
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sdcil_jax.generation.pipeline import DTYPES, SDModel, _cast, _diffusers, _silence_flax_deprecation
+from sdcil_jax.generation.model import DTYPES, SDModel, _cast, _diffusers, _silence_flax_deprecation
 from sdcil_jax.generation.schedulers import SD_V1_SCHEDULE
 
 _TINY_SEED = 0
