@@ -44,20 +44,21 @@ def choices() -> dict[str, tuple[str, ...]]:
 
     ``method.name`` from :data:`sdcil_jax.methods.REGISTRY`, ``model.name`` from
     :data:`sdcil_jax.models.BACKBONES`, ``generation.backend`` / ``generation.scheduler`` from the
-    generation backends and schedulers,
+    generation backends and schedulers, ``generation.store_format`` from the store's codecs,
     ``synthetic.use_in`` from the batch-stream masks (imported here, not at module load, so a
     config file stays cheap to import).
     """
     from sdcil_jax.data.stream import USES
     from sdcil_jax.generation.backends import BACKENDS
     from sdcil_jax.generation.schedulers import SCHEDULERS
+    from sdcil_jax.generation.shards import FORMATS
     from sdcil_jax.methods import REGISTRY
     from sdcil_jax.models import BACKBONES
 
     out = dict(_FIXED_CHOICES)
     out.update({"method.name": tuple(REGISTRY), "model.name": tuple(BACKBONES),
                 "generation.backend": tuple(BACKENDS), "generation.scheduler": tuple(SCHEDULERS),
-                "synthetic.use_in": tuple(USES)})
+                "generation.store_format": tuple(FORMATS), "synthetic.use_in": tuple(USES)})
     return out
 
 
@@ -121,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
         batch_per_device=4,
         memory_efficient_attention=False,  # chunked UNet attention: less memory, changes pixels
         store_dir="",  # '' = <workdir>/replay_store
+        # How stored images are encoded: 'raw' (uint8), 'png' (lossless), 'jpeg' (quality 95, lossy)
+        # or 'auto' (raw up to 64 px, jpeg above; see benchmarks/RESULTS.md).
+        store_format="auto",
+        images_per_shard=64,  # images per store file: a killed generation loses at most one
         preview_per_class=4,
     )
     c.model = dict(
@@ -221,6 +226,7 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
     positive = [
         "train.epochs", "train.batch_size", "train.eval_batch_size", "generation.num_inference_steps",
         "generation.resolution", "generation.batch_per_device", "generation.per_class",
+        "generation.images_per_shard",
         "scenario.initial_increment", "scenario.increment", "model.width",
         "method.proxies_per_class", "method.finetune_lr",
         "checkpoint.keep", "checkpoint.sync_every_steps", "dataset.image_size",

@@ -23,13 +23,14 @@ import numpy as np
 
 # Config keys (or whole sections) that cannot change any metric: where things live on disk, how
 # often checkpoints are written, the host pipeline's worker and prefetch counts (its batches do not
-# depend on them), the number of preview images, logging.
+# depend on them), the number of preview images, the replay store's file layout, logging.
 NON_RESULT_KEYS: tuple[str, ...] = (
     "checkpoint",
     "dataset.data_dir",
     "dataset.workers",
     "dataset.prefetch",
     "generation.store_dir",
+    "generation.images_per_shard",
     "generation.preview_per_class",
 )
 

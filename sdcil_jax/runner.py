@@ -142,8 +142,9 @@ def check_class_sizes(exp: Experiment) -> None:
                     "the class out of scenario.class_order.")
 
 
-def generate(exp: Experiment, progress: bool = True):
-    """Fill the replay store for every class that becomes old (resumable)."""
+def generate(exp: Experiment, progress: bool = True, guard: PreemptionGuard | None = None):
+    """Fill the replay store for every class that becomes old (resumable; every process generates
+    its share). With ``guard``, a signal stops every process at the next agreed point."""
     from sdcil_jax.generation import generate_replay_pool
 
     ds = exp.dataset
@@ -152,12 +153,19 @@ def generate(exp: Experiment, progress: bool = True):
     def real_images_fn(class_id: int) -> np.ndarray:
         return ds.read_train_images(exp.holdout_idx[holdout_labels == class_id])
 
-    return generate_replay_pool(
-        exp.config.generation, seed=exp.config.seed, class_ids=exp.generated_classes(),
-        class_names=ds.class_names, image_shape=ds.image_shape, store_dir=exp.store_dir,
-        real_images_fn=real_images_fn, progress=progress,
-        fingerprint_extra=_holdout_fields(exp),
-    )
+    deferred = guard.deferred if guard is not None else False
+    if guard is not None:
+        guard.deferred = True  # acted on at the generation loop's agreed points
+    try:
+        return generate_replay_pool(
+            exp.config.generation, seed=exp.config.seed, class_ids=exp.generated_classes(),
+            class_names=ds.class_names, image_shape=ds.image_shape, store_dir=exp.store_dir,
+            real_images_fn=real_images_fn, progress=progress,
+            fingerprint_extra=_holdout_fields(exp), guard=guard,
+        )
+    finally:
+        if guard is not None:
+            guard.deferred = deferred
 
 
 def _holdout_fields(exp: Experiment) -> dict[str, Any] | None:
@@ -170,10 +178,10 @@ def _holdout_fields(exp: Experiment) -> dict[str, Any] | None:
 def open_complete_store(exp: Experiment):
     """Open the store for ``--mode train``; every needed class must be complete."""
     from sdcil_jax.errors import GenerationError
-    from sdcil_jax.fingerprint import canonical
-    from sdcil_jax.generation import ReplayStore, fingerprint_fields, fingerprint_of
+    from sdcil_jax.fingerprint import canonical, fingerprint_of
+    from sdcil_jax.generation import ReplayStore, fingerprint_fields
 
-    if not os.path.exists(os.path.join(exp.store_dir, "manifest.json")):
+    if not (fileio.path(exp.store_dir) / "manifest.json").exists():
         raise GenerationError(f"No replay store in {exp.store_dir}; run with --mode generate (or "
                               "--mode all) first, or set generation.store_dir.")
     store = ReplayStore(exp.store_dir).open()
@@ -221,7 +229,7 @@ def run(config, workdir: str, mode: str = "all", progress: bool = True,
     with PreemptionGuard() as guard:
         store = None
         if exp.uses_synthetic and mode in ("generate", "all"):
-            store = generate(exp, progress)
+            store = generate(exp, progress, guard)
         if mode == "generate":
             return {"mode": "generate", "store_dir": exp.store_dir,
                     "classes": exp.generated_classes()}

@@ -105,7 +105,8 @@ class TaskRunner:
         preview = min(cfg.generation.preview_per_class, cfg.synthetic.per_class)
         if resume is None and preview > 0 and self.exp.store is not None:
             old_classes = [c for k in range(t) for c in sc.task_classes(k)]
-            x, y = pool_lib.synthetic_images(self.exp.store, old_classes, 0, preview,
+            # the grid shows the first 16 classes (Board.samples' max_classes): read only those
+            x, y = pool_lib.synthetic_images(self.exp.store, old_classes[:16], 0, preview,
                                              sc.relabel, self.exp.dataset.image_shape)
             self.saver.board.samples(x, y, self.saver.position.global_step, per_class=preview)
         state = dataclasses.replace(state, params=dict(state.params), memory=dict(state.memory))
@@ -166,9 +167,9 @@ class TaskRunner:
     def _pool(self, t: int) -> pool_lib.TaskPool:
         exp = self.exp
         old_classes = [c for k in range(t) for c in exp.scenario.task_classes(k)]
-        synth_x, synth_y = pool_lib.synthetic_images(
-            exp.store, old_classes, 0, exp.config.synthetic.per_class, exp.scenario.relabel,
-            exp.dataset.image_shape)
+        synth_x, synth_y = pool_lib.task_synthetic(
+            exp.dataset, exp.store, old_classes, 0, exp.config.synthetic.per_class,
+            exp.scenario.relabel)
         return pool_lib.build_pool(exp.dataset, exp.train_idx, self.train_y, synth_x, synth_y)
 
     def _grown_head(self, state: TaskState, method, pool, t: int):
@@ -326,8 +327,8 @@ class TaskRunner:
         if n == 0 or exp.store is None:
             return None
         classes = [c for k in range(t + 1) for c in exp.scenario.task_classes(k)]
-        x, y = pool_lib.synthetic_images(exp.store, classes, exp.config.synthetic.per_class, n,
-                                         exp.scenario.relabel, exp.dataset.image_shape)
+        x, y = pool_lib.task_synthetic(exp.dataset, exp.store, classes,
+                                       exp.config.synthetic.per_class, n, exp.scenario.relabel)
         items = pool_lib.array_items(exp.dataset, x, y)
         logits, _ = self._predict(eval_fn, state, items, np.arange(len(y)))
         return ev.accuracy(np.argmax(logits[:, :end], axis=1), y)

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,7 +65,7 @@ class _Recorder:
     """Wraps pool_module.Engine: records the engines a pool run builds and the classes they ran."""
 
     def __init__(self, monkeypatch=None):
-        self.engines, self.classes = [], []
+        self.engines, self.classes, self.shards = [], [], []
         recorder = self
 
         class Recording(Engine):
@@ -74,6 +75,7 @@ class _Recorder:
 
             def run(self, jobs, out_hw_c, sink, **kwargs):
                 recorder.classes.extend(j.class_id for j in jobs)
+                recorder.shards.extend((j.class_id, j.indices[0]) for j in jobs)
                 return super().run(jobs, out_hw_c, sink, **kwargs)
 
         self.cls = Recording
@@ -196,43 +198,47 @@ def test_one_compilation_per_run_and_shards_written_by_the_writer_thread(device_
 
 
 def test_killed_run_resumes_only_unfinished_shards(tmp_path, monkeypatch, device_runs):
-    cfg = tiny_cfg()
+    """Killed while writing the second shard of class 1 (shards of 2 images): the shards written
+    before stay, the rerun generates only the others, and the store equals an uninterrupted one."""
+    cfg = tiny_cfg(images_per_shard=2)  # 3 classes x 3 images: shards (c, 0..1) and (c, 2)
     recorder = _Recorder(monkeypatch)
     write = ReplayStore.write_shard
 
-    def dies_on_class_1(self, class_id, *args, **kwargs):
-        if class_id == 1:
+    def dies_on_class_1_second_shard(self, class_id, first, *args, **kwargs):
+        if (class_id, first) == (1, 2):
             raise KeyboardInterrupt("killed")
-        return write(self, class_id, *args, **kwargs)
+        return write(self, class_id, first, *args, **kwargs)
 
-    monkeypatch.setattr(ReplayStore, "write_shard", dies_on_class_1)
+    monkeypatch.setattr(ReplayStore, "write_shard", dies_on_class_1_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        _pool(cfg, tmp_path)
+        _pool(cfg, tmp_path, devices=jax.devices()[:1])  # one shard per step, in plan order
     monkeypatch.setattr(ReplayStore, "write_shard", write)
-    store = ReplayStore(str(tmp_path)).open()
-    assert store.class_ids() == [0]
-    mtime0 = os.stat(store.shard_path(0)).st_mtime_ns
-    # a shard written but never listed in the manifest (killed in between) is unfinished
-    np.savez(store.shard_path(2), images=np.zeros((3, *SHAPE), np.uint8), indices=np.arange(3))
+    written = sorted(p.name for p in tmp_path.glob("class_*.shard"))
+    assert written == ["class_00000_000000.shard", "class_00000_000002.shard",
+                       "class_00001_000000.shard"]
+    assert ReplayStore(str(tmp_path)).open().class_ids() == []  # merged only at the end
+    mtimes = {n: os.stat(tmp_path / n).st_mtime_ns for n in written}
+    # a shard file cut short (a copy, a full disk) is not adopted but regenerated
+    (tmp_path / "class_00002_000002.shard").write_bytes((tmp_path / written[0]).read_bytes()[:50])
 
-    recorder.classes = []
+    recorder.shards = []
     store = _pool(cfg, tmp_path)
-    assert recorder.classes == [1, 2]
-    assert os.stat(store.shard_path(0)).st_mtime_ns == mtime0
+    assert recorder.shards == [(1, 2), (2, 0), (2, 2)]  # only what was not on disk
+    assert {n: os.stat(tmp_path / n).st_mtime_ns for n in written} == mtimes
     assert store.class_ids() == [0, 1, 2]
     _, ref, _, _ = device_runs("float32", 4)
     for c in (0, 1, 2):  # same pixels as an uninterrupted run
         np.testing.assert_array_equal(store.load(c), ref[c][0])
     assert os.path.isfile(os.path.join(str(tmp_path), "preview.png"))
 
-    recorder.classes = []
+    recorder.shards = []
     _pool(cfg, tmp_path)
-    assert recorder.classes == []  # nothing left to do
+    assert recorder.shards == []  # nothing left to do
 
     # growing per_class generates only the new indices and keeps the old images
     old = store.load(0)
-    grown = _pool(tiny_cfg(per_class=5), tmp_path, class_ids=[0])
-    assert recorder.classes == [0]
+    grown = _pool(tiny_cfg(per_class=5, images_per_shard=2), tmp_path, class_ids=[0])
+    assert recorder.shards == [(0, 3), (0, 4)]
     images, indices = grown.load_with_indices(0)
     assert list(indices) == [0, 1, 2, 3, 4]
     np.testing.assert_array_equal(images[:3], old)
@@ -244,7 +250,7 @@ def test_corrupt_shard_is_warned_and_regenerated(tmp_path, monkeypatch, caplog):
     recorder = _Recorder(monkeypatch)
     store = _pool(cfg, tmp_path, class_ids=[0, 1])
     good = store.load(1)
-    path = store.shard_path(1)
+    path = store.path(store.shards(1)[0][0])
     with open(path, "r+b") as f:
         f.seek(os.path.getsize(path) - 40)
         f.write(b"\xff" * 16)
@@ -257,6 +263,13 @@ def test_corrupt_shard_is_warned_and_regenerated(tmp_path, monkeypatch, caplog):
     assert recorder.classes == [1]
     assert any("checksum" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(store.load(1), good)  # same keys, same pixels
+
+
+def test_plan_and_projection_are_printed(tmp_path, capsys):
+    _pool(tiny_cfg(images_per_shard=2), tmp_path, class_ids=[0, 1], devices=jax.devices()[:1])
+    out = capsys.readouterr().out
+    assert "plan: generate 6 images (2 classes x 3) in 4 shards of up to 2; per process: 6" in out
+    assert "projected: " in out and "images/s" in out
 
 
 def test_changed_config_is_refused(tmp_path):
@@ -335,7 +348,7 @@ from sdcil_jax.generation import generate_replay_pool
 
 g = base_config().generation
 g.backend, g.dtype, g.resolution, g.num_inference_steps = "tiny_sd", "bfloat16", 32, 2
-g.per_class, g.batch_per_device, g.preview_per_class = 3, 2, 2
+g.per_class, g.batch_per_device, g.preview_per_class, g.images_per_shard = 3, 2, 2, 2
 store = generate_replay_pool(g, seed=0, class_ids=[0, 1, 2], class_names=sys.argv[4].split(","),
                              image_shape=(8, 8, 3), store_dir=sys.argv[3], progress=False)
 print("RESULT", jax.process_count(), jax.device_count(), store.class_ids())
@@ -343,8 +356,9 @@ print("RESULT", jax.process_count(), jax.device_count(), store.class_ids())
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_single_process_store(tmp_path, device_runs):
-    """2 JAX processes x 2 CPU devices (gloo) run the same sampler; process 0 writes the store."""
+def test_two_processes_each_generate_half_of_the_single_process_store(tmp_path, device_runs):
+    """2 JAX processes x 2 CPU devices (gloo): each generates and writes its share of the shards on
+    its own devices; process 0 merges; the store equals the one of a single process."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
@@ -354,19 +368,28 @@ def test_two_processes_write_the_single_process_store(tmp_path, device_runs):
     store_dir = tmp_path / "store"
     procs = [subprocess.Popen([sys.executable, str(script), str(i), port, str(store_dir),
                                ",".join(NAMES)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for i in range(2)]
     outputs = []
-    for proc in procs:
-        try:
+    try:
+        for proc in procs:
             outputs.append(proc.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
     for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-3000:]
         assert "RESULT 2 4 [0, 1, 2]" in output, output[-3000:]
-    got = _images(ReplayStore(str(store_dir)).open())
+    assert "plan: generate 9 images (3 classes x 3) in 6 shards of up to 2; per process: 5 / 4" \
+        in outputs[0]
+    store = ReplayStore(str(store_dir)).open()
+    by_process = {}
+    for _, entry in store.shards():
+        by_process[entry["process"]] = by_process.get(entry["process"], 0) + entry["count"]
+    assert by_process == {0: 5, 1: 4}  # each process about half of the 9 images
+    got = _images(store)
     _, ref, _, _ = device_runs("bfloat16", 1)
     for c in ref:
         assert got[c][0].tobytes() == ref[c][0].tobytes(), c

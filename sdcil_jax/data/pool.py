@@ -37,24 +37,36 @@ class TaskPool:
 
 
 def synthetic_images(store, class_ids: Sequence[int], start: int, count: int,
-                     relabel, image_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+                     relabel, image_shape: Sequence[int], lazy: bool = False) -> tuple[Any, np.ndarray]:
     """Images ``[start, start + count)`` of each dataset class in ``class_ids`` from the replay
-    store, with their incremental labels (``relabel`` maps dataset ids to incremental ones)."""
+    store, with their incremental labels (``relabel`` maps dataset ids to incremental ones).
+
+    The images are a uint8 array (N, H, W, C) in memory, or with ``lazy`` a random-access reader
+    over the store's files (``reader[i]`` decodes image ``i`` on demand), so that a pool of any size
+    costs no host memory.
+    """
     empty = (np.zeros((0, *image_shape), np.uint8), np.zeros((0,), np.int32))
     if store is None or not len(class_ids) or count == 0:
         return empty
-    images, labels = [], []
-    for c in class_ids:
-        x = store.load(int(c), start + count)[start:]
-        images.append(x)
-        labels.append(np.full((len(x),), relabel(np.asarray([c]))[0], np.int32))
-    return np.concatenate(images), np.concatenate(labels)
+    labels = np.repeat(relabel(np.asarray(class_ids)), count).astype(np.int32)
+    if lazy:
+        return store.reader([int(c) for c in class_ids], start, count), labels
+    images = [store.load(int(c), start + count)[start:] for c in class_ids]
+    return np.concatenate(images), labels
+
+
+def task_synthetic(dataset: Dataset, store, class_ids: Sequence[int], start: int, count: int,
+                   relabel) -> tuple[Any, np.ndarray]:
+    """:func:`synthetic_images` as the dataset's pipeline wants them: in memory for the device
+    pipeline (the pool lives on the devices), read on demand for the host pipeline."""
+    return synthetic_images(store, class_ids, start, count, relabel, dataset.image_shape,
+                            lazy=not dataset.in_memory)
 
 
 def build_pool(dataset: Dataset, train_idx: np.ndarray, train_labels: np.ndarray,
-               synth_images: np.ndarray, synth_labels: np.ndarray) -> TaskPool:
+               synth_images: Any, synth_labels: np.ndarray) -> TaskPool:
     """The pool of one task: real rows ``train_idx`` (incremental labels ``train_labels``), then the
-    synthetic images."""
+    synthetic images (an array in memory, or a random-access reader for the host pipeline)."""
     n_real = len(train_idx)
     labels = np.concatenate([train_labels, synth_labels]).astype(np.int32)
     if dataset.in_memory:
@@ -65,8 +77,9 @@ def build_pool(dataset: Dataset, train_idx: np.ndarray, train_labels: np.ndarray
     return TaskPool(labels, n_real, n_real + len(synth_images), source)
 
 
-def array_items(dataset: Dataset, images: np.ndarray, labels: np.ndarray) -> TaskPool:
-    """Loose uint8 images (e.g. held-out synthetic images) as a pool of the dataset's kind."""
+def array_items(dataset: Dataset, images: Any, labels: np.ndarray) -> TaskPool:
+    """Loose uint8 images (e.g. held-out synthetic images: an array, or a reader for the host
+    pipeline) as a pool of the dataset's kind."""
     return TaskPool(np.asarray(labels, np.int32), len(labels), len(labels),
                     ArraySource(images, labels), images if dataset.in_memory else None)
 

@@ -62,10 +62,12 @@ class _ShareLargeArrays:
 
 
 class PoolSource(_ShareLargeArrays):
-    """A task's pool for the host pipeline: real training rows, then in-memory synthetic images.
+    """A task's pool for the host pipeline: real training rows, then synthetic images.
 
     ``pool[i]`` for ``i < n_real`` is training example ``train_rows[i]`` of the dataset; after that
-    the synthetic images. Labels are the incremental labels of the pool. Picklable for grain's
+    ``synth_images[i - n_real]``: a uint8 array, or a random-access reader over the replay store
+    (:class:`~sdcil_jax.generation.shards.StoreReader`, which decodes each image when asked and
+    pickles in a few KB). Labels are the incremental labels of the pool. Picklable for grain's
     worker processes (see :class:`_ShareLargeArrays`; ``tfds.data_source`` pickles by reference to
     its files).
     """

@@ -4,8 +4,9 @@ Public API (imported lazily, so ``import sdcil_jax.generation.backends`` stays c
 
 - :func:`generate_replay_pool`: fill a store with ``generation.per_class`` images of given classes
   (resumable; backends in :data:`BACKENDS`: ``sd``, ``tiny_sd``, ``real_holdout``).
-- :class:`ReplayStore`: read shards at training time
-  (``ReplayStore(dir).open().load(class_id, n)``).
+- :class:`ReplayStore`: read shards at training time, whole
+  (``ReplayStore(dir).open().load(class_id, n)``) or on demand (``store.reader(classes, start, n)``,
+  a picklable :class:`StoreReader`).
 - :func:`load_model`, :class:`Engine`: the generator itself (diffusers specifics live in
   :mod:`sdcil_jax.generation.pipeline` only; the sampling maths in ``sampler`` and ``schedulers``).
 - :func:`class_prompts`: the prompts of a class.
@@ -22,12 +23,14 @@ _EXPORTS = {
     "ReplayStore": "store",
     "SCHEDULERS": "schedulers",
     "SDModel": "pipeline",
+    "StoreReader": "shards",
     "class_prompts": "prompts",
     "fingerprint_fields": "pool",
     "fingerprint_of": "store",
     "generate_replay_pool": "pool",
     "initial_latents": "sampler",
     "load_model": "pipeline",
+    "plan_shards": "pool",
     "prompts_for_indices": "prompts",
     "readable_name": "prompts",
     "sample_images": "sampler",

@@ -1,23 +1,28 @@
-"""The replay generator's driver: one jitted program over a device mesh, fed and drained in overlap.
+"""The replay generator's driver: one jitted program over a process's devices, fed and drained in
+overlap.
 
 Work unit: a *group* of ``B = generation.batch_per_device`` consecutive image indices of one class,
 aligned on multiples of B (image i sits at position ``i % B`` of group ``i // B``; indices nobody asked
-for are computed and dropped). One global step runs ``n_devices`` groups, one per device, possibly of
+for are computed and dropped). One step runs ``n_devices`` groups, one per device, possibly of
 different classes; the last step is padded with copies of its last group.
 
-The program is ``jit(shard_map(per_device))`` over a 1-D mesh of all devices (of all processes):
-parameters and the unconditional text state are replicated, the per-image text states, class ids and
-indices are sharded. Every device runs the same per-device program on B images (latents drawn
-inside from (class, index); denoising; VAE decode; resize; uint8), and the uint8 images at the
-dataset's size are gathered (replicated) as the program's output. So an image's pixels depend on
-(model, dtype, scheduler, steps, guidance, prompt, seed, class, index) and B, not on the number of
-devices or processes, in bfloat16 as in float32 (tested byte for byte).
+The program is ``jit(shard_map(per_device))`` over a 1-D mesh of the devices given (by default this
+process's devices: with several processes each generates its own share, see
+:mod:`sdcil_jax.generation.pool`): parameters and the unconditional text state are replicated, the
+per-image text states, class ids and indices are sharded. Every device runs the same per-device
+program on B images (latents drawn inside from (class, index); denoising; VAE decode; resize;
+uint8), and the uint8 images at the dataset's size are gathered as the program's output. So an
+image's pixels depend on (model, dtype, scheduler, steps, guidance, prompt, seed, class, index) and
+B, not on the number of devices or processes, in bfloat16 as in float32 (tested byte for byte).
+On the CPU backend the program is compiled without XLA's YNNPACK dot/convolution fusions: XLA
+splits their work by the process's intra-op parallelism, max(cores, devices), and the split changed
+about 0.3% of bfloat16 pixels by one level between a 4-device and a 2-device process.
 
-Text states are encoded once per class (its T prompts in one call of fixed shape (T, L)) and once per
-run for the empty prompt, on one local device, and kept on the host.
+Text states are encoded once per distinct prompt set (T prompts in one call of fixed shape (T, L))
+and once per run for the empty prompt, on one local device, and kept on the host.
 
 Overlap: steps are dispatched asynchronously; while the devices run step k+1 the host fetches step k
-and a writer thread hands finished classes to ``sink`` (the replay store's shard writer).
+and a writer thread hands finished jobs to ``sink`` (the replay store's shard writer).
 """
 
 from __future__ import annotations
@@ -70,6 +75,13 @@ def plan_steps(jobs: Sequence[ClassJob], per_device: int, n_devices: int) -> lis
     return steps
 
 
+class _Delivered(dict):
+    """Stands for the images of a job handed to the writer: every index counts as received."""
+
+    def __contains__(self, index) -> bool:
+        return True
+
+
 @dataclasses.dataclass
 class _Program:
     fn: Callable
@@ -98,8 +110,15 @@ def _build_program(unet, vae, table, guidance, out_hw_c, latent_shape, mesh) -> 
     rep, shard = P(), P(AXIS)
     step = jax.shard_map(per_device, mesh=mesh, in_specs=(rep, rep, rep, shard, shard, shard),
                          out_specs=shard, check_vma=False)
-    entry.fn = jax.jit(step, out_shardings=NamedSharding(mesh, P()))
+    entry.fn = jax.jit(step, out_shardings=NamedSharding(mesh, P()),
+                       compiler_options=compiler_options(mesh.devices.flat[0].platform))
     return entry
+
+
+def compiler_options(platform: str) -> dict[str, str] | None:
+    """XLA options of the sampler: on CPU, no YNNPACK fusions, whose split of the work follows the
+    process's device count and changes bfloat16 pixels (see the module docstring)."""
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if platform == "cpu" else None
 
 
 def _put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -118,12 +137,12 @@ class Engine:
       gen_cfg: the ``generation`` config (scheduler, num_inference_steps, guidance_scale,
         resolution, batch_per_device).
       seed: the run's seed (image keys derive from it).
-      devices: the mesh's devices (default: ``jax.devices()``, all processes).
+      devices: the mesh's devices (default: ``jax.local_devices()``, this process's).
     """
 
     def __init__(self, model: Any, gen_cfg: Any, seed: int, devices: Sequence[Any] | None = None):
         self.model = model
-        devices = list(jax.devices() if devices is None else devices)
+        devices = list(jax.local_devices() if devices is None else devices)
         self.mesh = Mesh(np.array(devices), (AXIS,))
         self.n_devices = len(devices)
         self.per_device = int(gen_cfg.batch_per_device)
@@ -206,22 +225,30 @@ class Engine:
         sink: Callable[[int, np.ndarray, np.ndarray], None],
         progress: bool = True,
         desc: str = "generating replay",
+        on_step: Callable[[int, int], None] | None = None,
     ) -> dict[str, float]:
-        """Generate every job's images and call ``sink(class_id, images, indices)`` per class.
+        """Generate every job's images and call ``sink(class_id, images, indices)`` per job.
 
         ``images`` is uint8 (n, H, W, C) in ascending index order; ``sink`` runs in a writer thread,
-        one class at a time, as soon as all of a class's images are back. Returns timings: ``wall_s``,
-        ``images``, ``steps``.
+        one job at a time, as soon as all of a job's images are back. ``on_step(done, total)`` runs
+        in this thread after each step's images are back (``done`` images of ``total`` so far);
+        if it raises, the jobs finished so far are still handed to ``sink`` before the error
+        propagates. Returns timings: ``wall_s``, ``images``, ``steps``.
         """
         jobs = [j for j in jobs if j.indices]
         start = time.perf_counter()
         program = self.program(out_hw_c)
         uncond = _put(self._uncond_state(), self._replicated)
-        states = [self.encode(job.prompts) for job in jobs]
+        encoded: dict[tuple[str, ...], np.ndarray] = {}
+        for job in jobs:
+            if job.prompts not in encoded:
+                encoded[job.prompts] = self.encode(job.prompts)
+        states = [encoded[job.prompts] for job in jobs]
         wanted = [set(int(i) for i in job.indices) for job in jobs]
         got: list[dict[int, np.ndarray]] = [{} for _ in jobs]
         steps = plan_steps(jobs, self.per_device, self.n_devices)
         total = sum(len(w) for w in wanted)
+        finished = 0
         bar = None  # opened after the first dispatch, which compiles: its rate is the sampler's
         writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-writer")
         futures: list[concurrent.futures.Future] = []
@@ -239,6 +266,7 @@ class Engine:
                 raise
 
         def collect(groups, out):
+            nonlocal finished
             images = np.asarray(out.addressable_data(0))  # blocks until this step is done
             done = 0
             for pos, g in enumerate(groups):
@@ -249,11 +277,15 @@ class Engine:
                         done += 1
                         if len(got[g.job]) == len(wanted[g.job]):
                             futures.append(writer.submit(deliver, jobs[g.job], got[g.job]))
+                            got[g.job] = _Delivered()  # the writer holds the images now
             for f in futures:
                 if f.done() and f.exception() is not None:
                     raise f.exception()
             bar.set_postfix_str(f"class {jobs[groups[-1].job].class_id}", refresh=False)
             bar.update(done)
+            finished += done
+            if on_step is not None:
+                on_step(finished, total)
 
         try:
             pending = None
