@@ -123,12 +123,25 @@ def assert_same_records(got: list[dict], want: list[dict]) -> None:
                 assert a[key] == value, (key, a, b)
 
 
-def store_images(workdir: Path) -> dict[str, bytes]:
+def store_images(workdir: Path) -> dict[int, bytes]:
+    """Every class's images and indices, read through the store (shard files hold a writer tag)."""
+    from sdcil_jax.generation import ReplayStore
+
+    store = ReplayStore(str(workdir / "replay_store")).open()
     out = {}
-    for path in sorted((workdir / "replay_store").glob("class_*")):
-        with np.load(path) as data:
-            out[path.name] = data["images"].tobytes() + data["indices"].tobytes()
+    for c in store.class_ids():
+        images, indices = store.load_with_indices(c)
+        out[c] = images.tobytes() + np.asarray(indices).tobytes()
     return out
+
+
+def shard_counts_by_process(workdir: Path) -> dict[int, int]:
+    from sdcil_jax.generation import ReplayStore
+
+    counts: dict[int, int] = {}
+    for _, entry in ReplayStore(str(workdir / "replay_store")).open().shards():
+        counts[entry["process"]] = counts.get(entry["process"], 0) + entry["count"]
+    return counts
 
 
 def _wait_for(predicate, procs, timeout: float, what: str) -> None:
@@ -174,7 +187,9 @@ def test_two_processes_equal_one_process(reference, tfds_dir, tmp_path):
     run(workdir, tfds_dir, 2)
     assert metrics(workdir) == metrics(reference)
     assert_same_records(log_records(workdir), log_records(reference))
-    assert store_images(workdir) == store_images(reference)
+    assert store_images(workdir) and store_images(workdir) == store_images(reference)
+    counts = shard_counts_by_process(workdir)  # each process generated about half of the images
+    assert set(counts) == {0, 1} and abs(counts[0] - counts[1]) <= max(counts.values()) // 2, counts
     assert "average incremental accuracy" in _log(workdir, 0)
     assert "average incremental accuracy" not in _log(workdir, 1)  # process 0 prints
 
