@@ -339,7 +339,7 @@ def replay_grid(store_dir: str, path: str, per_class: int = 8, max_classes: int 
     axes = fig.subplots(len(rows), cols, squeeze=False)
     for r, class_id in enumerate(rows):
         images = store.load(class_id)[:cols]
-        name = (class_names or {}).get(class_id) or (store.entry(class_id) or {}).get("class_name")
+        name = (class_names or {}).get(class_id) or store.class_note(class_id).get("name")
         for j, ax in enumerate(axes[r]):
             ax.set_xticks([])
             ax.set_yticks([])

@@ -45,10 +45,16 @@ def test_quickstart_cli_writes_results(tmp_path):
          "--no-progress", *SHORT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "average incremental accuracy (CNN)" in proc.stdout
-    # The plan before training, a projection once each task's first epoch has a measured rate.
-    plan = [line for line in proc.stdout.splitlines() if line.startswith("plan: train 2 task(s)")]
+    # The plans before generating and training; a projection once generation has a measured rate
+    # and once each task's first epoch has one.
+    lines = proc.stdout.splitlines()
+    gen_plan = [line for line in lines if line.startswith("plan: generate ")]
+    assert len(gen_plan) == 1 and " images (" in gen_plan[0], proc.stdout[-2000:]
+    plan = [line for line in lines if line.startswith("plan: train 2 task(s)")]
     assert len(plan) == 1, proc.stdout[-2000:]
-    assert sum(line.startswith("projected: ") for line in proc.stdout.splitlines()) == 2
+    projected = [line for line in lines if line.startswith("projected: ")]
+    assert sum(" images/s" in line for line in projected) == 1, projected
+    assert len(projected) == 3, projected
     results = json.loads((workdir / "results.json").read_text())
     for key in ("avg_incremental_accuracy", "last_accuracy", "accuracy_matrix", "forgetting",
                 "per_task", "config", "class_order", "versions"):

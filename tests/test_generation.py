@@ -226,6 +226,8 @@ def test_killed_run_resumes_only_unfinished_shards(tmp_path, monkeypatch, device
     assert recorder.shards == [(1, 2), (2, 0), (2, 2)]  # only what was not on disk
     assert {n: os.stat(tmp_path / n).st_mtime_ns for n in written} == mtimes
     assert store.class_ids() == [0, 1, 2]
+    assert store.class_note(1)["name"] == "aquarium_fish" and store.class_note(1)["prompts"]
+    assert ReplayStore(str(tmp_path)).open().class_note(2)["name"] == "baby"  # kept in the manifest
     _, ref, _, _ = device_runs("float32", 4)
     for c in (0, 1, 2):  # same pixels as an uninterrupted run
         np.testing.assert_array_equal(store.load(c), ref[c][0])

@@ -158,6 +158,10 @@ class ReplayStore:
         """Readable notes on a class (its name, prompts), kept in the manifest."""
         self._require_open().setdefault("classes", {})[str(int(class_id))] = canonical(info)
 
+    def class_note(self, class_id: int) -> dict[str, Any]:
+        """The notes of :meth:`note_class` (e.g. ``{'name': ..., 'prompts': [...]}``), or {}."""
+        return dict(self._require_open().get("classes", {}).get(str(int(class_id)), {}))
+
     # ---------------------------------------------------------------- listing
     def shards(self, class_id: int | None = None) -> list[tuple[str, dict[str, Any]]]:
         """``(file name, entry)`` of the listed shards (of one class), by class then first index."""
