@@ -86,13 +86,13 @@ def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int,
     """
     feats = _unit(features)
     flips = feats if flipped_features is None else _unit(flipped_features)
-    means = np.zeros((num_classes, feats.shape[1]), dtype=np.float64)
-    for c in range(num_classes):
-        sel = labels == c
-        if np.any(sel):
-            m = (feats[sel].mean(axis=0) + flips[sel].mean(axis=0)) / 2.0
-            means[c] = m / (np.linalg.norm(m) + NME_EPS)
-    return means
+    labels = np.asarray(labels, np.int64)
+    # every class at once: sums by class (one-hot matmul), divided by the class counts
+    onehot = (labels[None, :] == np.arange(num_classes)[:, None]).astype(np.float64)  # (C, N)
+    counts = onehot.sum(axis=1, keepdims=True)
+    means = (onehot @ feats + onehot @ flips) / (2.0 * np.maximum(counts, 1.0))
+    means = means / (np.linalg.norm(means, axis=1, keepdims=True) + NME_EPS)
+    return np.where(counts > 0, means, 0.0)
 
 
 def evaluate_task(*, logits: np.ndarray, feats: np.ndarray, labels: np.ndarray, num_seen: int,

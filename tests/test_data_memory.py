@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sdcil_jax.data import herding_select, random_select
+from sdcil_jax.data.memory import herding_select_classes
 
 
 def reference_herding(features, m):
@@ -75,3 +76,19 @@ def test_random_select():
     np.testing.assert_array_equal(picks, random_select(100, 20, 0))
     assert sorted(random_select(5, 10, 1).tolist()) == [0, 1, 2, 3, 4]
     assert random_select(5, 0, 1).shape == (0,)
+
+
+def test_device_herding_of_all_classes_equals_per_class_herding():
+    """One jitted program for every class (padded to the largest) picks what herding_select picks
+    class by class, including classes with fewer rows than the memory size."""
+    rng = np.random.default_rng(11)
+    counts = [40, 25, 7, 40, 13]
+    feats = [rng.normal(size=(n, 16)).astype(np.float32) + 0.3 for n in counts]
+    padded = np.zeros((len(counts), max(counts), 16), np.float32)
+    for i, f in enumerate(feats):
+        padded[i, :len(f)] = f
+    picks = herding_select_classes(padded, counts, 10)
+    assert picks.shape == (5, 10)
+    for f, pick in zip(feats, picks, strict=True):
+        assert pick[pick >= 0].tolist() == herding_select(f, 10).tolist()
+    assert (picks[2, 7:] == -1).all()

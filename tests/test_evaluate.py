@@ -52,3 +52,21 @@ def test_nme_means_average_plain_and_flipped_exemplars():
         np.testing.assert_allclose(means[c], m / (np.linalg.norm(m) + 1e-8), rtol=1e-12)
     np.testing.assert_array_equal(means[3], 0.0)  # a class without exemplars
     assert not np.allclose(means[:3], ev.class_means(feats, labels, 4)[:3])
+
+
+def test_class_means_all_classes_at_once_equal_a_loop_over_classes():
+    """The vectorised means equal PODNet's per-class loop (uneven counts, an empty class)."""
+    rng = np.random.default_rng(3)
+    feats, flips = rng.normal(size=(70, 6)), rng.normal(size=(70, 6))
+    labels = rng.choice([0, 1, 2, 4], size=70, p=[0.6, 0.3, 0.05, 0.05])
+    want = np.zeros((5, 6))
+    for c in range(5):
+        sel = labels == c
+        if sel.any():
+            u = feats[sel] / (np.linalg.norm(feats[sel], axis=1, keepdims=True) + 1e-8)
+            v = flips[sel] / (np.linalg.norm(flips[sel], axis=1, keepdims=True) + 1e-8)
+            m = (u.mean(axis=0) + v.mean(axis=0)) / 2
+            want[c] = m / (np.linalg.norm(m) + 1e-8)
+    got = ev.class_means(feats, labels, 5, flips)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert not got[3].any()
