@@ -43,7 +43,7 @@ OLD, NEW, K = 50, 10, 10
 
 
 # ------------------------------------------------------------------------------------------ JAX
-def jax_step(setting: dict, seed: int = 0):
+def jax_step(setting: dict, seed: int = 0, dtype: str = "float32"):
     """(run(n) -> seconds for n steps, images per step, FLOPs per step) for the project's step."""
     import jax
     import jax.numpy as jnp
@@ -59,6 +59,7 @@ def jax_step(setting: dict, seed: int = 0):
 
     cfg = base_config()
     cfg.model.name = setting["model"]
+    cfg.model.dtype = dtype
     cfg.method.name = "podnet"
     cfg.method.pod_flat, cfg.method.pod_spatial = (1.0, 3.0) if setting["size"] == 32 else (10., 8.)
     backbone = build_backbone(cfg.model)
@@ -120,8 +121,8 @@ def jax_step(setting: dict, seed: int = 0):
 
 
 # -------------------------------------------------------------------------------------- PyTorch
-def torch_step(setting: dict, seed: int = 0):
-    """(run(n) -> seconds, images per step) for the same work written in PyTorch."""
+def torch_step(setting: dict, seed: int = 0, device: str = "cpu"):
+    """(run(n) -> seconds, images per step) for the same work written in PyTorch on ``device``."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -211,7 +212,7 @@ def torch_step(setting: dict, seed: int = 0):
 
     kind, size = setting["model"], setting["size"]
     batch = setting["batch"] + setting["synth"]
-    new, old = Net(kind), Net(kind)
+    new, old = Net(kind).to(device), Net(kind).to(device)
     old.load_state_dict(new.state_dict())
     old.eval()
     for p in old.parameters():
@@ -221,9 +222,10 @@ def torch_step(setting: dict, seed: int = 0):
     opt = torch.optim.SGD(new.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     flat_w, spat_w = ((1.0, 3.0) if size == 32 else (10.0, 8.0))
     factor = math.sqrt((OLD + NEW) / NEW)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, OLD + NEW, (batch,))
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, OLD + NEW, (batch,), device=device)
     new.train()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def run(steps: int) -> float:
         start = time.perf_counter()
@@ -237,6 +239,7 @@ def torch_step(setting: dict, seed: int = 0):
                     + spat_w * factor * pod_spatial(old_maps, maps))
             loss.backward()
             opt.step()
+        sync()
         return time.perf_counter() - start
 
     return run, batch
@@ -249,6 +252,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="timed steps per round (0 = auto)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the project's model.dtype (PyTorch stays float32)")
+    parser.add_argument("--torch-device", default="auto",
+                        help="cpu, cuda, or auto (cuda when PyTorch sees a GPU)")
     args = parser.parse_args()
     try:
         if args.no_torch:
@@ -256,23 +263,25 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
+        if args.torch_device == "auto":
+            args.torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:
         torch = None
     import jax
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}; jax {jax.__version__} on "
-          f"{jax.devices()[0].platform} x{jax.device_count()}"
-          + (f"; torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else
-             "; torch not installed"))
+          f"{jax.devices()[0].device_kind} x{jax.device_count()}, model.dtype={args.dtype}"
+          + (f"; torch {torch.__version__} on {args.torch_device} ({torch.get_num_threads()} "
+             "threads)" if torch else "; torch not installed"))
     rows = []
     for name in args.settings:
         setting = SETTINGS[name]
         steps = args.steps or (10 if setting["size"] == 32 else 2)
-        jrun, images, flops = jax_step(setting)
+        jrun, images, flops = jax_step(setting, dtype=args.dtype)
         trun = None
         if torch is not None:
-            trun, _ = torch_step(setting)
+            trun, _ = torch_step(setting, device=args.torch_device)
             trun(args.warmup)
         jrun(args.warmup)
         jax_rates, torch_rates = [], []
