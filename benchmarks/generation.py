@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -37,6 +36,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/ is the script folder)
 
 from sdcil_jax.config import base_config, load_config_file  # noqa: E402
 from sdcil_jax.generation import Engine, load_model, to_uint8  # noqa: E402
@@ -46,17 +46,6 @@ from sdcil_jax.generation.pipeline import diffusers_pipeline  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a photo of a bear"
 REFERENCE_TPU_V28 = 1.1  # SD v1.x images/s of diffusers' Flax pipeline on a TPU v2-8 (issue 11)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def gen_config(args, scheduler: str, steps: int):

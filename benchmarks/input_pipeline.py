@@ -39,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/ is the script folder)
 from PIL import Image  # noqa: E402
 
 from sdcil_jax import augment as aug_lib  # noqa: E402
@@ -67,17 +68,6 @@ Assumed ResNet-18 training rate on one TPU v5e chip: {rate:.0f} images/s ({sourc
 
 MEAN = jnp.array([0.5071, 0.4865, 0.4409], jnp.float32)
 STD = jnp.array([0.2673, 0.2564, 0.2762], jnp.float32)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_seconds() -> float:

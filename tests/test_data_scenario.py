@@ -1,7 +1,5 @@
 """Class orders and task splits."""
 
-import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -13,7 +11,6 @@ from sdcil_jax.data.scenario import order_names, task_indices
 from sdcil_jax.errors import DataError
 
 # The project's shared data folder sits beside the repository root when it exists.
-SHARED_ORDERS = pathlib.Path(__file__).resolve().parents[2] / "shared/data/class_orders.json"
 
 
 def make_config(class_order="identity", initial=50, increment=10, max_tasks=0, dataset="cifar100"):
@@ -48,9 +45,6 @@ def test_named_orders_are_permutations_of_the_packaged_file():
     assert set(order_names()) == set(expected) | {"identity"}
 
 
-@pytest.mark.skipif(not SHARED_ORDERS.exists(), reason="no shared data folder beside the repo")
-def test_packaged_orders_equal_shared_file():
-    assert load_resource("class_orders.json") == json.loads(SHARED_ORDERS.read_text())
 
 
 @pytest.mark.parametrize(

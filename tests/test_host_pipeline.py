@@ -1,7 +1,6 @@
 """The host input pipeline on grain: determinism, sharding over processes, resume, device arrays,
 worker processes (the transforms themselves: test_transforms.py)."""
 
-import io
 import itertools
 import json
 import multiprocessing
@@ -12,7 +11,7 @@ import grain
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from image_samples import jpeg, random_image
 
 from sdcil_jax.data import host_pipeline as hp
 from sdcil_jax.data import tfds_io
@@ -22,23 +21,12 @@ from sdcil_jax.data.sources import ArraySource, PoolSource
 SIZE = 24  # output side used in the tests (small for speed)
 
 
-def _jpeg(array: np.ndarray, fmt: str = "JPEG") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
-def _random_image(rng: np.random.Generator, lo: int = 12, hi: int = 70) -> np.ndarray:
-    h, w = (int(v) for v in rng.integers(lo, hi, size=2))
-    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
 def _source(n: int, *, encoded: bool = True, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        image = _random_image(rng)
-        out.append({"image": _jpeg(image) if encoded else image, "label": np.int64(i % 7)})
+        image = random_image(rng)
+        out.append({"image": jpeg(image) if encoded else image, "label": np.int64(i % 7)})
     return out
 
 
@@ -344,7 +332,7 @@ class _SerializedImagenetSource:
         self.features = tfds.builder("imagenet2012").info.features
         self.decoders = decoders
         self.records = [
-            self.features.serialize_example({"image": _jpeg(im), "label": i, "file_name": f"{i}.JPEG"})
+            self.features.serialize_example({"image": jpeg(im), "label": i, "file_name": f"{i}.JPEG"})
             for i, im in enumerate(images)
         ]
 
@@ -358,7 +346,7 @@ class _SerializedImagenetSource:
 def test_prepared_imagenet2012_records_decode_without_tensorflow():
     tfds = pytest.importorskip("tensorflow_datasets")
     rng = np.random.default_rng(1)
-    images = [_random_image(rng) for _ in range(6)] + [rng.integers(0, 256, (30, 20), np.uint8)]
+    images = [random_image(rng) for _ in range(6)] + [rng.integers(0, 256, (30, 20), np.uint8)]
     raw = _SerializedImagenetSource(tfds, images, {"image": tfds.decode.SkipDecoding()})
     assert isinstance(raw[0]["image"], bytes)  # what tfds_source(decode=False) hands over
     decoded = _SerializedImagenetSource(tfds, images, None)

@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+from image_samples import jpeg, random_image
 from PIL import Image
 
 from sdcil_jax.data import transforms as tf
@@ -11,20 +12,9 @@ from sdcil_jax.data import transforms as tf
 SIZE = 24  # output side used in the tests (small for speed)
 
 
-def _jpeg(array: np.ndarray, fmt: str = "JPEG") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
-def _random_image(rng: np.random.Generator, lo: int = 12, hi: int = 70) -> np.ndarray:
-    h, w = (int(v) for v in rng.integers(lo, hi, size=2))
-    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
 def test_transform_shapes_and_determinism():
     rng = np.random.default_rng(0)
-    for value in (_random_image(rng), _jpeg(_random_image(rng))):
+    for value in (random_image(rng), jpeg(random_image(rng))):
         out = tf.train_transform(value, np.random.default_rng(1), image_size=SIZE)
         assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
         again = tf.train_transform(value, np.random.default_rng(1), image_size=SIZE)
@@ -69,10 +59,10 @@ def test_tiny_huge_grayscale_and_odd_inputs_become_rgb():
         rng.integers(0, 256, (3000, 2000, 3), dtype=np.uint8),
         gray,
         gray[:, :, None],
-        _jpeg(gray),
-        _jpeg(rgba, "PNG"),
+        jpeg(gray),
+        jpeg(rgba, "PNG"),
         cmyk.getvalue(),
-        np.array(_jpeg(gray), dtype=object),  # 0-d object array, as some sources return
+        np.array(jpeg(gray), dtype=object),  # 0-d object array, as some sources return
         Image.fromarray(gray),
     ]
     for i, value in enumerate(values):
