@@ -161,21 +161,56 @@ def projections(rate: float, label: str) -> list[str]:
     return lines
 
 
-def memory_sd14(batches: list[int], dtype_name: str, mea: bool) -> None:
-    """Compile the per-device program of SD v1.4's architecture at 512 px (abstract weights) and
-    print XLA's buffer sizes (CPU backend: a compiler estimate, not a TPU/GPU measurement)."""
+def sd14_modules(dtype, mea: bool = False):
+    """SD v1.4's UNet (diffusers' defaults with 768-d cross-attention, 64x64 latents) and VAE."""
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 
-    from sdcil_jax.generation.pipeline import DTYPES
-    from sdcil_jax.generation.schedulers import SD_V1_SCHEDULE
-
-    dtype = DTYPES[dtype_name]
     unet = FlaxUNet2DConditionModel(cross_attention_dim=768, sample_size=64, dtype=dtype,
                                     use_memory_efficient_attention=mea)
     vae = FlaxAutoencoderKL(
         block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         sample_size=512, dtype=dtype)
+    return unet, vae
+
+
+def sd14_random_model(dtype_name: str, mea: bool = False):
+    """SD v1.4's architecture with random weights: its UNet and VAE, a 12-layer 768-d CLIP text
+    encoder (ViT-L/14's text tower) over the tiny model's character tokenizer. The compute of SD
+    v1.4 per image without its download, for speed measurements only (its images are noise)."""
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+
+    from sdcil_jax.generation.model import DTYPES, SDModel, _cast, _silence_flax_deprecation
+    from sdcil_jax.generation.schedulers import SD_V1_SCHEDULE
+    from sdcil_jax.generation.tiny import _random_params, _tiny_tokenizer
+
+    dtype = DTYPES[dtype_name]
+    tokenizer = _tiny_tokenizer()
+    unet, vae = sd14_modules(dtype, mea)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()), hidden_size=768, intermediate_size=3072,
+        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    text_encoder = FlaxCLIPTextModel(text_config, dtype=dtype, _do_init=False)
+    key = jax.random.PRNGKey(0)
+    shapes = {"unet": jax.eval_shape(unet.init_weights, key),
+              "vae": jax.eval_shape(vae.init_weights, key),
+              "text_encoder": jax.eval_shape(lambda k: text_encoder.init_weights(k, (1, 77)), key)}
+    params = {name: _random_params(tree, i) for i, (name, tree) in enumerate(shapes.items())}
+    _silence_flax_deprecation()
+    return SDModel(tokenizer, text_encoder, unet, vae, dict(SD_V1_SCHEDULE), _cast(params, dtype),
+                   dtype)
+
+
+def memory_sd14(batches: list[int], dtype_name: str, mea: bool) -> None:
+    """Compile the per-device program of SD v1.4's architecture at 512 px (abstract weights) and
+    print XLA's buffer sizes (CPU backend: a compiler estimate, not a TPU/GPU measurement)."""
+    from sdcil_jax.generation.pipeline import DTYPES
+    from sdcil_jax.generation.schedulers import SD_V1_SCHEDULE
+
+    dtype = DTYPES[dtype_name]
+    unet, vae = sd14_modules(dtype, mea)
     key = jax.random.PRNGKey(0)
 
     def cast(tree):
@@ -217,7 +252,8 @@ def memory_sd14(batches: list[int], dtype_name: str, mea: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="tiny_sd", choices=["tiny_sd", "sd"])
+    parser.add_argument("--backend", default="tiny_sd", choices=["tiny_sd", "sd", "sd14_random"],
+                        help="sd14_random: SD v1.4's architecture, random weights (speed only)")
     parser.add_argument("--model", default="", help="hub id or local folder (backend sd)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--resolution", type=int, default=64)
@@ -229,7 +265,8 @@ def main() -> None:
     parser.add_argument("--out-shape", default="32,32,3", help="stored image H,W,C")
     parser.add_argument("--steps-per-run", type=int, default=2, help="global steps per timed run")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--scheduler-steps", default="pndm=50,ddim=50,dpm_solver=20")
+    parser.add_argument("--scheduler-steps", default="pndm=50,ddim=50,dpm_solver=20",
+                        help="'' skips the scheduler rows (projections then use the engine's rate)")
     parser.add_argument("--scheduler-steps-per-run", type=int, default=1)
     parser.add_argument("--memory-efficient-attention", action="store_true")
     parser.add_argument("--memory-sd14", default="", help="e.g. 1,2,4: XLA buffer sizes, then exit")
@@ -248,7 +285,12 @@ def main() -> None:
           f"guidance {args.guidance}, {args.batch_per_device} images per device per step, "
           f"stored as {args.out_shape}, median of {args.repeats} timed runs")
     cfg = gen_config(args, args.scheduler, args.num_inference_steps)
-    model = load_model(cfg)
+    if args.backend == "sd14_random":
+        start = time.perf_counter()
+        model = sd14_random_model(args.dtype, args.memory_efficient_attention)
+        print(f"SD v1.4 architecture, random weights, built in {time.perf_counter() - start:.0f} s")
+    else:
+        model = load_model(cfg)
 
     counts = [1, len(devices)] if len(devices) > 1 else [1]
     for n in counts:
@@ -278,7 +320,20 @@ def main() -> None:
         print(f"  engine program compilations: {engine.traces} (during the timed runs: "
               f"{compiles.count} XLA compilations of anything)", flush=True)
 
+    best, best_name = n_img / t["project"][0], f"{args.scheduler} {args.num_inference_steps} steps"
     n_sched = args.scheduler_steps_per_run * len(devices) * args.batch_per_device
+    if args.scheduler_steps:
+        best, best_name = scheduler_rows(model, args, devices, n_sched)
+    label = f"{args.backend} {best_name} on this machine"
+    print(f"\nProjected replay-pool time at the measured {best_name} rate:")
+    print("\n".join(projections(best, label)))
+    print("and at the issue's reference rate for SD v1.x (diffusers' Flax pipeline, TPU v2-8):")
+    print("\n".join(projections(REFERENCE_TPU_V28, "reference, not measured here")))
+
+
+def scheduler_rows(model, args, devices, n_sched: int) -> tuple[float, str]:
+    """Images/s of the engine with each scheduler of ``--scheduler-steps``; returns the rate of
+    pndm (the paper's sampler) or else of the first, and its label."""
     print(f"\nSchedulers (project engine, {len(devices)} device(s), {n_sched} images per run):")
     best, best_name = None, ""
     for item in args.scheduler_steps.split(","):
@@ -291,11 +346,7 @@ def main() -> None:
               f"{100 * busy:.0f}%, {engine.traces} compilation)", flush=True)
         if name == "pndm" or best is None:
             best, best_name = n_sched / wall, f"{name} {steps} steps"
-    label = f"{args.backend} {best_name} on this machine"
-    print(f"\nProjected replay-pool time at the measured {best_name} rate:")
-    print("\n".join(projections(best, label)))
-    print("and at the issue's reference rate for SD v1.x (diffusers' Flax pipeline, TPU v2-8):")
-    print("\n".join(projections(REFERENCE_TPU_V28, "reference, not measured here")))
+    return best, best_name
 
 
 if __name__ == "__main__":

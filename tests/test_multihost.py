@@ -123,16 +123,26 @@ def assert_same_records(got: list[dict], want: list[dict]) -> None:
                 assert a[key] == value, (key, a, b)
 
 
-def store_images(workdir: Path) -> dict[int, bytes]:
+def store_images(workdir: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Every class's images and indices, read through the store (shard files hold a writer tag)."""
     from sdcil_jax.generation import ReplayStore
 
     store = ReplayStore(str(workdir / "replay_store")).open()
-    out = {}
-    for c in store.class_ids():
-        images, indices = store.load_with_indices(c)
-        out[c] = images.tobytes() + np.asarray(indices).tobytes()
-    return out
+    return {c: store.load_with_indices(c) for c in store.class_ids()}
+
+
+def assert_same_store(got: dict, want: dict) -> None:
+    """Same classes, indices and image shapes; pixels within one level. Exact bytes hold only
+    between processes of equal XLA:CPU intra-op parallelism, max(cores, devices of the process)
+    (see :mod:`sdcil_jax.generation.engine`): here 2 devices per process vs the reference's 4 on a
+    machine that may have 2 cores. The byte-exact multi-process claim is
+    ``tests/test_generation.py::test_two_processes_each_generate_half_of_the_single_process_store``."""
+    assert got and sorted(got) == sorted(want)
+    for c, (images, indices) in want.items():
+        assert got[c][1].tolist() == np.asarray(indices).tolist(), c
+        assert got[c][0].shape == images.shape and got[c][0].dtype == images.dtype, c
+        diff = np.abs(got[c][0].astype(int) - images.astype(int))
+        assert diff.max() <= 1, (c, diff.max())
 
 
 def shard_counts_by_process(workdir: Path) -> dict[int, int]:
@@ -187,7 +197,7 @@ def test_two_processes_equal_one_process(reference, tfds_dir, tmp_path):
     run(workdir, tfds_dir, 2)
     assert metrics(workdir) == metrics(reference)
     assert_same_records(log_records(workdir), log_records(reference))
-    assert store_images(workdir) and store_images(workdir) == store_images(reference)
+    assert_same_store(store_images(workdir), store_images(reference))
     counts = shard_counts_by_process(workdir)  # each process generated about half of the images
     assert set(counts) == {0, 1} and abs(counts[0] - counts[1]) <= max(counts.values()) // 2, counts
     assert "average incremental accuracy" in _log(workdir, 0)
