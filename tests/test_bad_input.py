@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from xla_cache import cache_env
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.py")
@@ -151,7 +152,7 @@ CASES = [
 
 
 def _env(tfds_dir: Path, extra=()) -> dict[str, str]:
-    env = dict(os.environ, TFDS_DATA_DIR=str(tfds_dir), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, TFDS_DATA_DIR=str(tfds_dir), HF_HUB_OFFLINE="1", **cache_env())
     env.update(dict(extra))
     # The 4 fake devices of conftest.py must reach the subprocess (batch-size checks rely on it).
     assert "--xla_force_host_platform_device_count=4" in env.get("XLA_FLAGS", "")

@@ -5,12 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from xla_cache import cache_env
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.py")
 
 
 def _cli(args, tmp_path):
-    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), **cache_env())
     return subprocess.run([sys.executable, "-m", "sdcil_jax.main", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 

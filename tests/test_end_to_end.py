@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from xla_cache import cache_env
 
 import sdcil_jax
 from sdcil_jax.config import load_config_file
@@ -39,7 +40,7 @@ def short_config(tfds_dir, **overrides):
 @pytest.mark.slow
 def test_quickstart_cli_writes_results(tmp_path):
     workdir = tmp_path / "qs"
-    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), **cache_env())
     proc = subprocess.run(
         [sys.executable, "-m", "sdcil_jax.main", "--config", QUICKSTART, "--workdir", str(workdir),
          "--no-progress", *SHORT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from xla_cache import cache_env
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.py")
@@ -37,9 +38,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(tfds_dir: Path, devices: int) -> dict[str, str]:
+def _env(tfds_dir: Path, devices: int, processes: int) -> dict[str, str]:
     env = dict(os.environ, TFDS_DATA_DIR=str(tfds_dir), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               **cache_env(devices, processes))
     for key in ("SDCIL_COORDINATOR_ADDRESS", "SDCIL_NUM_PROCESSES", "SDCIL_PROCESS_ID"):
         env.pop(key, None)
     return env
@@ -52,7 +54,7 @@ def launch(workdir: Path, tfds_dir: Path, processes: int, extra=()) -> list[subp
     port = _free_port()
     procs = []
     for i in range(processes):
-        env = _env(tfds_dir, 4 // processes)
+        env = _env(tfds_dir, 4 // processes, processes)
         if processes > 1:
             env.update(SDCIL_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                        SDCIL_NUM_PROCESSES=str(processes), SDCIL_PROCESS_ID=str(i))

@@ -12,6 +12,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from xla_cache import cache_env
 
 from sdcil_jax.errors import UserError
 from sdcil_jax.notebook import (
@@ -67,6 +68,8 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    for key, value in cache_env().items():
+        monkeypatch.setenv(key, value)
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     smoke = nbformat.v4.new_code_cell(

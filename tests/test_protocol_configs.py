@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from xla_cache import cache_env
 
 import sdcil_jax
 from sdcil_jax.config import load_config_file, validate
@@ -179,7 +180,7 @@ def test_bad_argument_on_the_command_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "sdcil_jax.main", "--config", "configs/cifar100.py:steps=3",
          "--workdir", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds")))
+        env=dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), **cache_env()))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "steps='3' is not one of 5, 10, 25, 50" in errors[0]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from xla_cache import cache_env
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.py")
@@ -40,7 +41,7 @@ def _strip(lines):
 
 
 def _env(tmp_path):
-    return dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    return dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), **cache_env())
 
 
 def _run(workdir, tmp_path, extra=()):
@@ -218,7 +219,8 @@ def test_resume_on_fewer_devices_continues_with_a_warning(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
-    env = dict(_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               **cache_env(devices=2))
     rerun = subprocess.run(_cmd(workdir), cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
