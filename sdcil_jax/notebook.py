@@ -99,11 +99,28 @@ def storage_layout(base_dir: str) -> dict[str, str]:
     """The folders a run keeps under ``base_dir`` (e.g. ``/content/drive/MyDrive/sdcil_jax``).
 
     ``runs`` (one workdir per setting), ``replay_store`` (generated images, shared by runs),
-    ``tensorflow_datasets`` (prepared datasets, for ``TFDS_DATA_DIR``) and ``hf_cache`` (model
-    weights, for ``HF_HOME``).
+    ``tensorflow_datasets`` (prepared datasets, for ``TFDS_DATA_DIR``), ``hf_cache`` (model
+    weights, for ``HF_HOME``) and ``xla_cache`` (compiled programs, see :func:`use_compilation_cache`).
     """
-    names = ("runs", "replay_store", "tensorflow_datasets", "hf_cache")
+    names = ("runs", "replay_store", "tensorflow_datasets", "hf_cache", "xla_cache")
     return {name: os.path.join(base_dir, name) for name in names}
+
+
+def use_compilation_cache(path: str, min_compile_secs: float = 1.0) -> None:
+    """Keep this process's compiled XLA programs in ``path`` (JAX's persistent compilation cache).
+
+    A session resumed after a runtime reset then loads the Stable Diffusion sampler and the training
+    steps instead of compiling them again (minutes on a TPU). Programs that took less than
+    ``min_compile_secs`` to compile are not stored. Call it before the first compilation; JAX sets
+    the cache up at its first compile and keeps it for the process. Entries are keyed by the
+    program, the devices and the JAX/XLA version, so a cache shared by other hardware or versions
+    only misses.
+    """
+    import jax
+
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
 
 def needs_tensorflow(name: str, data_dir: str = "") -> bool:
     """True if dataset ``name`` still has to be prepared in ``data_dir`` with TensorFlow.

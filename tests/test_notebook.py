@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -165,7 +166,37 @@ def test_local_files_at_the_mount_point_are_moved_aside(tmp_path):
 def test_storage_layout():
     assert storage_layout("/d/sdcil") == {
         "runs": "/d/sdcil/runs", "replay_store": "/d/sdcil/replay_store",
-        "tensorflow_datasets": "/d/sdcil/tensorflow_datasets", "hf_cache": "/d/sdcil/hf_cache"}
+        "tensorflow_datasets": "/d/sdcil/tensorflow_datasets", "hf_cache": "/d/sdcil/hf_cache",
+        "xla_cache": "/d/sdcil/xla_cache"}
+
+
+_CACHE_SCRIPT = """
+import sys
+import jax
+import jax.numpy as jnp
+from sdcil_jax.notebook import use_compilation_cache
+
+use_compilation_cache(sys.argv[1], min_compile_secs=0)
+hits = []
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event))
+print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).sum()))
+print("HITS", hits.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def test_compilation_cache_outlives_the_process(tmp_path):
+    """The notebook's XLA_CACHE: a second session (process) loads what the first compiled."""
+    cache = tmp_path / "xla_cache"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    hits = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(cache)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        hits.append(int(out.stdout.split("HITS")[-1]))
+        assert any(cache.iterdir())  # the first process wrote its programs there
+    assert hits[0] == 0 and hits[1] >= 1, hits  # the second loaded them (the jitted step included)
 
 
 def test_tensorflow_only_needed_to_prepare(tmp_path):
