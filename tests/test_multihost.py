@@ -1,9 +1,10 @@
 """One run over several processes: JAX's multi-controller runtime on localhost (gloo collectives).
 
-Each test launches ``python -m sdcil_jax.main`` twice (2 processes x 2 CPU devices, rendezvous on a
-free localhost port through ``SDCIL_COORDINATOR_ADDRESS``) and compares with one process x 4 devices
-running the same command. Every launched process runs in its own session, is bounded by a timeout
-and is killed by its process group if the test fails, so a hang fails instead of blocking CI.
+Each test launches ``python -m sdcil_jax.main`` as 2 processes x 2 CPU devices (rendezvous on a
+free localhost port through ``SDCIL_COORDINATOR_ADDRESS``), once or, when it stops the run on the
+way, several times, and compares with one process x 4 devices running the same command. Every
+launched process runs in its own session, is bounded by a timeout and is killed by its process
+group if the test fails, so a hang fails instead of blocking CI.
 """
 
 from __future__ import annotations
@@ -206,12 +207,24 @@ def test_two_processes_equal_one_process(reference, tfds_dir, tmp_path):
     assert "average incremental accuracy" not in _log(workdir, 1)  # process 0 prints
 
 
-def test_sigterm_to_one_process_stops_both_then_resume(reference, tfds_dir, tmp_path):
-    """SIGTERM to process 1 only: both save together and exit 143 within 30 s; time-based saves
-    every step (every_minutes tiny) on the way never deadlock; the rerun finishes identically."""
+def test_sigkill_then_sigterm_then_rerun(reference, tfds_dir, tmp_path):
+    """One run stopped twice, then finished. (1) SIGKILL of process 1 inside task 1; process 0 is
+    killed too (it would wait in a collective for its lost peer). (2) The rerun resumes; SIGTERM to
+    process 1 only, inside task 2: both save together and exit 143 within 30 s, and time-based
+    saves every step (every_minutes tiny) on the way never deadlock. (3) The last rerun finishes
+    with the results of one uninterrupted process."""
     workdir = tmp_path / "run"
-    extra = ["--config.checkpoint.every_minutes=0.00001", "--config.checkpoint.sync_every_steps=2"]
-    procs = launch(workdir, tfds_dir, 2, extra)
+    kill_extra = ["--config.checkpoint.every_steps=3", "--config.checkpoint.sync_every_steps=1"]
+    procs = launch(workdir, tfds_dir, 2, kill_extra)
+    _wait_for(lambda: any(p["task"] == 0 and p["phase"] == "train"
+                          for p in _checkpoint_progress(workdir)), procs, RUN_TIMEOUT,
+              "a checkpoint inside task 1")
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    kill(procs)
+
+    term_extra = ["--config.checkpoint.every_minutes=0.00001",
+                  "--config.checkpoint.sync_every_steps=2"]
+    procs = launch(workdir, tfds_dir, 2, term_extra)
     _wait_for(lambda: any(p["task"] == 1 and p["phase"] == "train"
                           for p in _checkpoint_progress(workdir)), procs, RUN_TIMEOUT,
               "a checkpoint inside task 2")
@@ -220,20 +233,9 @@ def test_sigterm_to_one_process_stops_both_then_resume(reference, tfds_dir, tmp_
     codes = wait(procs, timeout=60)
     assert time.monotonic() - sent < 30
     assert codes == [143, 143], (codes, _log(workdir, 0), _log(workdir, 1))
+    assert "resuming from checkpoint" in (workdir.parent / f"{workdir.name}.p0.log").read_text(
+        errors="replace")  # the second launch resumed after the SIGKILL
+
     run(workdir, tfds_dir, 2)
-    assert metrics(workdir) == metrics(reference)
-    assert_same_records(log_records(workdir), log_records(reference))
-
-
-def test_sigkill_of_one_process_then_rerun(reference, tfds_dir, tmp_path):
-    workdir = tmp_path / "run"
-    extra = ["--config.checkpoint.every_steps=3", "--config.checkpoint.sync_every_steps=1"]
-    procs = launch(workdir, tfds_dir, 2, extra)
-    _wait_for(lambda: any(p["task"] == 1 and p["phase"] == "train"
-                          for p in _checkpoint_progress(workdir)), procs, RUN_TIMEOUT,
-              "a checkpoint inside task 2")
-    os.killpg(procs[1].pid, signal.SIGKILL)
-    kill(procs)  # process 0 would wait in a collective for its lost peer
-    run(workdir, tfds_dir, 2, extra)
     assert metrics(workdir) == metrics(reference)
     assert_same_records(log_records(workdir), log_records(reference))
