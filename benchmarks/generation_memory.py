@@ -3,9 +3,9 @@
 For each ``--cases`` entry ``B:mea`` (images per device per step, memory-efficient attention 0/1),
 in the order given, builds an :class:`sdcil_jax.generation.Engine` on the first device over SD
 v1.4's architecture with random weights (``generation.py --backend sd14_random``), runs one step
-(compiles), then two timed steps, and prints img/s and the device's ``peak_bytes_in_use``. The peak
-is a running maximum over the process, so list the cases from the smallest to the largest expected
-memory. Needs a GPU/TPU (``memory_stats`` is not reported by the CPU backend):
+(compiles), then two timed steps (their median), and prints img/s and the device's
+``peak_bytes_in_use``. The peak is a running maximum over the process, so list the cases from the
+smallest to the largest expected memory. Needs a GPU/TPU (the CPU backend reports no ``memory_stats``):
 
     JAX_PLATFORMS=cuda python benchmarks/generation_memory.py --cases 1:0,2:0,4:0,8:0
 """
@@ -17,7 +17,7 @@ import dataclasses
 import time
 
 import jax
-from generation import gen_config, project_run, sd14_random_model  # benchmarks/ is the script folder
+from generation import gen_config, project_run, sd14_random_model, timed  # the script folder
 
 
 def main() -> None:
@@ -43,15 +43,11 @@ def main() -> None:
         _, run = project_run(variant, cfg, run_args, per, [device])
         run()
         first = time.perf_counter() - start
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
+        (wall, _), = timed({"run": run}, repeats=2, warm_up=False).values()
         stats = device.memory_stats() or {}
         gib = 2**30
         print(f"batch_per_device={per} memory_efficient_attention={bool(mea)}: "
-              f"{per / min(times):.2f} img/s, peak {stats.get('peak_bytes_in_use', 0) / gib:.2f} GiB, "
+              f"{per / wall:.2f} img/s, peak {stats.get('peak_bytes_in_use', 0) / gib:.2f} GiB, "
               f"in use after {stats.get('bytes_in_use', 0) / gib:.2f} GiB (first step, compile "
               f"included: {first:.0f} s)", flush=True)
 

@@ -113,14 +113,15 @@ def use_compilation_cache(path: str, min_compile_secs: float = 1.0) -> None:
     steps instead of compiling them again (minutes on a TPU). Programs that took less than
     ``min_compile_secs`` to compile are not stored. Call it before the first compilation; JAX sets
     the cache up at its first compile and keeps it for the process. Entries are keyed by the
-    program, the devices and the JAX/XLA version, so a cache shared by other hardware or versions
-    only misses.
+    program, its compile options, the device kind and the JAX/XLA version, so another chip or
+    version only misses.
     """
     import jax
 
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+
 
 def needs_tensorflow(name: str, data_dir: str = "") -> bool:
     """True if dataset ``name`` still has to be prepared in ``data_dir`` with TensorFlow.
