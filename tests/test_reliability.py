@@ -1,5 +1,6 @@
 """Resume from anywhere: SIGKILL fault injection, SIGTERM, corrupt checkpoints and shards."""
 
+import contextlib
 import json
 import os
 import random
@@ -49,6 +50,24 @@ def _run(workdir, tmp_path, extra=()):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+@contextlib.contextmanager
+def _launched(workdir, tmp_path, extra=(), env=None, **popen_kwargs):
+    """The CLI as a child in its own session; whatever happens in the block, it is ended by its
+    process group on the way out (SIGKILL if still running), so a hang or a failed assertion never
+    leaves it behind."""
+    proc = subprocess.Popen(_cmd(workdir, extra), cwd=ROOT, env=env or _env(tmp_path),
+                            start_new_session=True, **popen_kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=60)
 
 
 def _metrics(workdir):
@@ -101,15 +120,13 @@ def test_sigkill_at_three_random_moments_gives_identical_metrics(reference, tmp_
                lambda: _task_events(workdir) >= 1]
     killed = 0
     for moment in moments:
-        proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(tmp_path),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
+        with _launched(workdir, tmp_path, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL) as proc:
             if _wait_for(moment, proc):
                 time.sleep(rng.uniform(0.0, 1.5))
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGKILL)
                     killed += 1
-        finally:
             proc.wait(timeout=600)
     assert killed >= 2  # at least two kills really landed mid-run
     _run(workdir, tmp_path)
@@ -122,14 +139,15 @@ def test_sigkill_at_three_random_moments_gives_identical_metrics(reference, tmp_
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_quickly_then_rerun_finishes(reference, tmp_path):
     workdir = tmp_path / "work"
-    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: _n_checkpoints(workdir) >= 1, proc)
-    before = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    sent = time.time()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    elapsed = time.time() - sent
+    with _launched(workdir, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   text=True) as proc:
+        assert _wait_for(lambda: _n_checkpoints(workdir) >= 1, proc)
+        before = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                        if p.name.isdigit())
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        elapsed = time.time() - sent
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert elapsed < 15, elapsed
     assert "Traceback" not in err and "rerun the same command to resume" in err
@@ -142,11 +160,11 @@ def test_sigterm_saves_and_exits_quickly_then_rerun_finishes(reference, tmp_path
 @pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(reference, tmp_path):
     workdir = tmp_path / "work"
-    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: _n_checkpoints(workdir) >= 3, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with _launched(workdir, tmp_path, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL) as proc:
+        _wait_for(lambda: _n_checkpoints(workdir) >= 3, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
     latest = max((p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()),
                  key=lambda p: int(p.name))
     victim = max((f for f in (latest / "state").rglob("*") if f.is_file()),
@@ -190,14 +208,11 @@ def test_sigkill_mid_epoch_of_the_host_pipeline_resumes_at_the_same_batch(tmp_pa
     reference = tmp_path / "reference"
     _run(reference, tmp_path, HOST)
     workdir = tmp_path / "work"
-    proc = subprocess.Popen(_cmd(workdir, HOST), cwd=ROOT, env=_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with _launched(workdir, tmp_path, HOST, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL) as proc:
         landed = _wait_for(lambda: any(p["phase"] == "train" and p["step"] > 0 and p["task"] == 1
                                        for p in _progress(workdir)), proc)
         proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=600)
     assert landed
     latest = max(_progress(workdir), key=lambda p: p["save"])
     assert latest["phase"] in ("train", "finetune") and latest["step"] > 0
@@ -213,11 +228,11 @@ def test_resume_on_fewer_devices_continues_with_a_warning(tmp_path):
     """A checkpoint made on 4 devices resumes on 2: the device count only changes float rounding,
     so the run continues (with a warning) instead of being refused."""
     workdir = tmp_path / "work"
-    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: _n_checkpoints(workdir) >= 1, proc)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    with _launched(workdir, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                   text=True) as proc:
+        assert _wait_for(lambda: _n_checkpoints(workdir) >= 1, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
     env = dict(_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2",
                **cache_env(devices=2))
