@@ -19,6 +19,14 @@ whole synchronous call counts as device time, an upper bound), the images/s of e
 step count, and the projected time of the replay pools of the CIFAR100 and ImageNet-1k protocols at
 the measured rate.
 
+``--breakdown`` (on by default) times the parts of one device's step separately on one device: the
+guided UNet call (on 2B latents) times the number of model calls, the VAE decode of B latents, the
+text encoding of 2B prompts (which diffusers' call repeats every step) and the uint8 conversion. The
+model calls (UNet and VAE) are work that any sampler producing the same images must do, so
+the share of diffusers' step outside them, ``1 - model calls' seconds / diffusers' seconds``, bounds
+what a sampler can save over diffusers (text encoding, transfers, conversion, host gaps): its ratio
+cannot exceed ``1 / (1 - share)``.
+
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/generation.py
     python benchmarks/generation.py --backend sd --model CompVis/stable-diffusion-v1-4 \\
         --resolution 512 --num-inference-steps 50 --out-shape 32,32,3      # on a GPU/TPU
@@ -28,6 +36,7 @@ the measured rate.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -146,6 +155,55 @@ def busy_share(engine, out_shape, seconds: float, n_images: int) -> tuple[float,
     n_steps = n_images // engine.batch_size
     step_s = engine.device_seconds_per_step(out_shape, repeats=max(3, n_steps))
     return min(1.0, n_steps * step_s / seconds), step_s
+
+
+def _call_blocking(fn, fn_args):
+    return jax.block_until_ready(fn(*fn_args))
+
+
+def breakdown(model, args, diffusers_step_s: float, repeats: int) -> None:
+    """Print the parts of one device's step (module docstring) and the ratio's ceiling."""
+    from sdcil_jax.generation.model import unet_predict, vae_decode
+    from sdcil_jax.generation.sampler import postprocess
+    from sdcil_jax.generation.schedulers import solver_table
+
+    device = jax.local_devices()[0]
+    b, calls = args.batch_per_device, solver_table(args.scheduler, model.scheduler_config,
+                                                   args.num_inference_steps).num_evaluations
+    put = functools.partial(jax.device_put, device=device)
+    params = {k: put(v) for k, v in model.params.items()}
+    latent = model.latent_shape(args.resolution)
+    ids = put(model.tokenize([PROMPT] * b + [""] * b))
+    context = jax.block_until_ready(model.encode_text(params["text_encoder"], ids))
+    z2 = put(np.random.default_rng(0).standard_normal((2 * b,) + latent).astype(np.float32))
+    t = put(np.int32(model.scheduler_config["num_train_timesteps"] // 2))
+    images = put(np.random.default_rng(1).uniform(size=(b, args.resolution, args.resolution, 3))
+                 .astype(np.float32))
+    unet = functools.partial(unet_predict, model.unet)
+    vae = functools.partial(vae_decode, model.vae)
+    parts = {  # name: (function, its arguments (passed, so that XLA folds none), times per step)
+        f"UNet, 2x{b} latents": (unet, (params["unet"], z2, t, context), calls),
+        f"VAE decode, {b} latents": (vae, (params["vae"], z2[:b]), 1),
+        f"text encoder, 2x{b} prompts": (model.encode_text, (params["text_encoder"], ids), 1),
+        f"uint8 {args.out_shape}": (functools.partial(postprocess, out_hw_c=args.out_shape),
+                                    (images,), 1),
+    }
+    seconds = {}
+    for name, (fn, fn_args, times) in parts.items():
+        call = functools.partial(_call_blocking, jax.jit(fn), fn_args)
+        runs = timed({name: call}, repeats)
+        seconds[name] = runs[name][0] * times
+    model_s = sum(s for name, s in seconds.items() if name.startswith(("UNet", "VAE")))
+    print(f"\nOne device's step ({b} images, {calls} model calls), parts timed alone on 1 device "
+          "(ms per step | share of diffusers' step):")
+    for name, s in seconds.items():
+        print(f"  {name:36s} {1000 * s:8.2f} | {100 * s / diffusers_step_s:5.1f}%")
+    print(f"  diffusers' whole call on 1 device     {1000 * diffusers_step_s:8.2f} | 100.0%")
+    outside = max(0.0, 1.0 - model_s / diffusers_step_s)
+    print(f"  share of diffusers' step outside the model calls: {100 * outside:.1f}% -> ceiling of "
+          f"the project/diffusers ratio with the same model calls: {1 / (1 - outside):.2f}x "
+          f"(approximate: the parts timed alone pay their own dispatch; the model calls alone "
+          f"took {model_s / diffusers_step_s:.2f} of diffusers' whole call)")
 
 
 def projections(rate: float, label: str) -> list[str]:
@@ -270,6 +328,8 @@ def main() -> None:
     parser.add_argument("--scheduler-steps-per-run", type=int, default=1)
     parser.add_argument("--memory-efficient-attention", action="store_true")
     parser.add_argument("--memory-sd14", default="", help="e.g. 1,2,4: XLA buffer sizes, then exit")
+    parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                        help="skip the per-part timing of one device's step")
     args = parser.parse_args()
     args.out_shape = tuple(int(v) for v in args.out_shape.split(","))
     if args.memory_sd14:
@@ -319,6 +379,8 @@ def main() -> None:
                   f"{t[key][1] / t['project'][1]:.2f}x CPU")
         print(f"  engine program compilations: {engine.traces} (during the timed runs: "
               f"{compiles.count} XLA compilations of anything)", flush=True)
+        if n == 1 and args.breakdown:
+            breakdown(model, args, t["diffusers"][0] / args.steps_per_run, args.repeats)
 
     best, best_name = n_img / t["project"][0], f"{args.scheduler} {args.num_inference_steps} steps"
     n_sched = args.scheduler_steps_per_run * len(devices) * args.batch_per_device
