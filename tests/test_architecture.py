@@ -78,3 +78,43 @@ def test_one_training_path():
         if not name.startswith("sdcil_jax.data"):
             assert "self.host" not in text and "hasattr(ds" not in text, name
             assert "train_source" not in text, name
+
+
+def _private_uses(tree: ast.AST) -> list[str]:
+    """Private names (``_x``, not dunder) a module imports from, or reads off, another library.
+
+    Attribute reads on ``self``/``cls`` and on names bound by ``from sdcil_jax... import`` or
+    ``import sdcil_jax...`` are the project's own; every other ``obj._x`` is reported.
+    """
+    own, found = {"self", "cls"}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            project = node.level > 0 or (node.module or "").startswith("sdcil_jax")
+            for alias in node.names:
+                if project:
+                    own.add(alias.asname or alias.name)
+                elif alias.name.startswith("_"):
+                    found.append(f"from {node.module} import {alias.name}")
+        elif isinstance(node, ast.Import):
+            own.update(a.asname or a.name for a in node.names if a.name.startswith("sdcil_jax"))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            base = node.value.id if isinstance(node.value, ast.Name) else None
+            if base not in own:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_private_api_of_another_library():
+    """No private name of diffusers, transformers, jax or any other library is used (issue 11: the
+    sampler is built on diffusers' public modules, not on the pipeline's ``_generate``)."""
+    found = {name: uses for name, path in _modules().items()
+             if (uses := _private_uses(ast.parse(path.read_text())))}
+    assert not found, found
+    # the check itself can fail
+    assert _private_uses(ast.parse("pipe._generate(ids, params)")) == [
+        "line 1: pipe._generate"]
+    assert _private_uses(ast.parse("from diffusers.utils import _get_model_file")) == [
+        "from diffusers.utils import _get_model_file"]
+    assert _private_uses(ast.parse("from sdcil_jax import config as c\nc._leaves()")) == []
