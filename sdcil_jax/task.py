@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from sdcil_jax import distributed, loop, parallel, reporting
 from sdcil_jax import evaluate as ev
@@ -233,8 +234,8 @@ class TaskRunner:
                 busy = (time.perf_counter() - clock - timing["compile"]
                         - (self.saver.save_seconds - saved))
                 done = start[0] * spe + start[1] + int(timing["steps"])
-                print(plan_lib.projection_line(self.plan, t, done, busy / timing["steps"]),
-                      flush=True)
+                # above the open progress bar, not into its line
+                tqdm.write(plan_lib.projection_line(self.plan, t, done, busy / timing["steps"]))
 
         def after_step(train_state, epoch, done, sums):
             position = Position(task=t, phase=stage, epoch=epoch, step=done, sums=sums,

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from sdcil_jax.generation.model import unet_predict, vae_decode
 from sdcil_jax.generation.sampler import sample_images

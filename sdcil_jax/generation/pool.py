@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from sdcil_jax import distributed, fileio
 from sdcil_jax.errors import GenerationError
@@ -35,6 +36,7 @@ from sdcil_jax.generation.pipeline import effective_revision, load_model
 from sdcil_jax.generation.prompts import prompts_for_indices
 from sdcil_jax.generation.shards import format_field, resolve_format
 from sdcil_jax.generation.store import ReplayStore
+from sdcil_jax.plan import duration
 from sdcil_jax.preemption import Preempted
 
 log = logging.getLogger(__name__)
@@ -385,18 +387,10 @@ class _Projection:
         rate = (done - before) / max(now - since, 1e-9)
         left = total - done
         where = f" on process 0 (of {self.processes})" if self.processes > 1 else ""
-        print(f"projected: {rate:.2f} images/s{where} -> {left} images left there, about "
-              f"{_duration(left / max(rate, 1e-9))}", flush=True)
+        # above the open progress bar, not into its line
+        tqdm.write(f"projected: {rate:.2f} images/s{where} -> {left} images left there, about "
+                   f"{duration(left / max(rate, 1e-9))}")
         self.printed = True
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds} s"
 
 
 def _log_share(store: ReplayStore, class_ids: Sequence[int]) -> None:
