@@ -1,11 +1,13 @@
 """End-to-end runs of the quickstart scenario (shortened), through the CLI and ``sdcil_jax.run``."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 from xla_cache import cache_env
 
@@ -130,7 +132,7 @@ def test_ablation_arms_run(arm, tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_then_train_and_domain_gap(tmp_path):
+def test_generate_then_train_and_domain_gap(tmp_path, caplog):
     config = short_config(tmp_path / "tfds", generation__backend="real_holdout",
                           synthetic__per_class=6, synthetic__diagnostic_per_class=2)
     workdir = str(tmp_path / "w")
@@ -138,6 +140,14 @@ def test_generate_then_train_and_domain_gap(tmp_path):
         sdcil_jax.run(config, workdir, mode="train", progress=False)
     out = sdcil_jax.run(config, workdir, mode="generate", progress=False)
     assert len(out["classes"]) == 4  # diagnostic on: the last task's classes are generated too
-    results = sdcil_jax.run(config, workdir, mode="train", progress=False)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        results = sdcil_jax.run(config, workdir, mode="train", progress=False)
     gaps = [r["synthetic_accuracy"] for r in results["per_task"]]
     assert all(g is not None and 0 <= g <= 100 for g in gaps)
+    # One compilation of the evaluation function per program, however many passes a task makes
+    # (imprinting, herding, test set, domain gap): task 1 plain and flipped (NME means); task 2
+    # plain with the old head (imprinting's features, before the head grows), plain with the
+    # grown head, flipped. (A fresh jit per pass compiled 8.)
+    compiled = [r.getMessage().split()[1] for r in caplog.records
+                if r.getMessage().startswith("Compiling ")]
+    assert compiled.count("jit(eval_fn)") == 2 + 3, compiled
