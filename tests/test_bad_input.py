@@ -9,7 +9,7 @@ Every case runs ``python -m sdcil_jax.main`` as a subprocess (4 fake devices, in
 - no file that existed in the case folder before the command changed (sha256 and mtime), and new
   files appear only where the case expects them (none at all for config errors).
 
-Cases that need finished work copy ONE trained quickstart workdir built by a module fixture.
+Cases that need finished work copy ONE trained quickstart workdir (the session's run, conftest.py).
 """
 
 from __future__ import annotations
@@ -26,14 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import QUICKSTART, ROOT, TINY
 from xla_cache import cache_env
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.py")
-TINY = ["--config.train.epochs=1", "--config.method.finetune_epochs=1",
-        "--config.scenario.max_tasks=2", "--config.generation.num_inference_steps=2",
-        "--config.generation.per_class=8", "--config.synthetic.per_class=8",
-        "--config.dataset.holdout_per_class=8", "--no-progress"]
 SENTINEL = '{"sentinel": "results of an earlier run"}\n'
 
 
@@ -165,14 +160,12 @@ def _cli(args, env, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny quickstart run (2 tasks, 1 epoch): its workdir and the tfds dir it prepared."""
-    tmp = tmp_path_factory.mktemp("bad_input_trained")
-    tfds_dir = tmp / "tfds"
-    proc = _cli(["--config", QUICKSTART, "--workdir", str(tmp / "work"), *TINY], _env(tfds_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp / "work" / "results.json").exists()
-    return tmp / "work", tfds_dir
+def trained(quickstart_run):
+    """The session's tiny quickstart run (2 tasks, 1 epoch; conftest.py): its workdir and the tfds
+    dir it prepared."""
+    assert quickstart_run.proc.returncode == 0, quickstart_run.proc.stderr[-3000:]
+    assert (quickstart_run.workdir / "results.json").exists()
+    return quickstart_run.workdir, quickstart_run.tfds_dir
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:

@@ -2,14 +2,10 @@
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import pytest
-from xla_cache import cache_env
 
 import sdcil_jax
 from sdcil_jax.config import load_config_file
@@ -17,10 +13,6 @@ from sdcil_jax.errors import GenerationError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.py")
-SHORT = ["--config.train.epochs=1", "--config.method.finetune_epochs=1",
-         "--config.scenario.max_tasks=2", "--config.generation.num_inference_steps=2",
-         "--config.generation.per_class=8", "--config.synthetic.per_class=8",
-         "--config.dataset.holdout_per_class=8"]
 
 
 def short_config(tfds_dir, **overrides):
@@ -40,12 +32,8 @@ def short_config(tfds_dir, **overrides):
 
 
 @pytest.mark.slow
-def test_quickstart_cli_writes_results(tmp_path):
-    workdir = tmp_path / "qs"
-    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), **cache_env())
-    proc = subprocess.run(
-        [sys.executable, "-m", "sdcil_jax.main", "--config", QUICKSTART, "--workdir", str(workdir),
-         "--no-progress", *SHORT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def test_quickstart_cli_writes_results(quickstart_run):
+    proc, workdir = quickstart_run.proc, quickstart_run.workdir
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "average incremental accuracy (CNN)" in proc.stdout
     # The plans before generating and training; a projection once generation has a measured rate
