@@ -93,12 +93,14 @@ def run_epochs(*, step_fn, state, old_vars, stream, task_key, epochs: int, task:
 def predict(eval_fn, params, batch_stats, batches: Iterable[tuple[Any, int]],
             feat_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Logits and features over ``(images, n_valid)`` batches (padding rows dropped), gathered from
-    every process (each process gets the whole result)."""
+    every process (each process gets the whole result). Logits are None for a features-only
+    ``eval_fn`` (one that returns None for them)."""
     logits, feats = [], []
     for images, n_valid in batches:
         lg, ft = eval_fn(params, batch_stats, images)
-        logits.append(distributed.gather_rows(lg)[:n_valid])
+        if lg is not None:
+            logits.append(distributed.gather_rows(lg)[:n_valid])
         feats.append(distributed.gather_rows(ft)[:n_valid])
-    if not logits:
+    if not feats:
         return np.zeros((0, 0), np.float32), np.zeros((0, feat_dim), np.float32)
-    return np.concatenate(logits), np.concatenate(feats)
+    return (np.concatenate(logits) if logits else None), np.concatenate(feats)

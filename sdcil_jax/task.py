@@ -44,12 +44,12 @@ def _timed(times: dict[str, float], key: str):
 
 class TaskRunner:
     """The context of a run's tasks: experiment, model, devices, and its saver (immutable but for
-    the current task's jitted evaluation functions)."""
+    its cache of jitted evaluation functions)."""
 
     def __init__(self, exp, saver: Saver, progress: bool = True):
         self.exp, self.saver, self.progress = exp, saver, progress
         self.plan = None  # a plan.training_plan(exp), for the projected time after each task starts
-        self._eval_fns: dict[bool, tuple[Any, Any]] = {}  # flip -> (method, jitted eval_fn)
+        self._eval_fns: dict[Any, Any] = {}  # the jitted evaluation functions (see _eval_fn)
         cfg, ds = exp.config, exp.dataset
         self.mesh = parallel.make_mesh()
         self.backbone = build_backbone(cfg.model)
@@ -266,8 +266,8 @@ class TaskRunner:
     def _class_features(self, state: TaskState, method, pool, classes) -> list[np.ndarray]:
         """Features of every training image of each class in ``classes``: one predict pass."""
         rows = [np.flatnonzero(self.train_y == c) for c in classes]
-        _, feats = self._predict(self._eval_fn(method), state, pool,
-                                 np.concatenate(rows) if rows else np.zeros((0,), np.int64))
+        feats = self._features(state, pool,
+                               np.concatenate(rows) if rows else np.zeros((0,), np.int64))
         return np.split(feats, np.cumsum([len(r) for r in rows])[:-1]) if rows else []
 
     def _update_memory(self, state: TaskState, method, pool, start: int, end: int) -> TaskState:
@@ -295,21 +295,34 @@ class TaskRunner:
         return dataclasses.replace(state, memory=memory)
 
     # ------------------------------------------------------------------------------- evaluation
-    def _eval_fn(self, method, flip: bool = False):
-        """The jitted ``eval_fn`` of ``method``'s head, built once per method object and ``flip``:
-        a task's feature passes (imprinting, herding), its evaluation and the domain gap share one
-        compilation (a fresh ``jax.jit`` per call compiled the same program 3 to 4 times a task)."""
-        cached = self._eval_fns.get(flip)
-        if cached is None or cached[0] is not method:
-            fn = jax.jit(train_lib.make_eval_fn(self.backbone, method.head_apply,
-                                                jnp.asarray(self.mean), jnp.asarray(self.std),
-                                                flip=flip))
-            cached = self._eval_fns[flip] = (method, fn)
-        return cached[1]
+    def _eval_fn(self, method):
+        """The jitted ``eval_fn`` (logits and features) of ``method``'s head: one per method object,
+        shared by the task's test-set evaluation and domain gap (one compilation a task)."""
+        if self._eval_fns.get("method") is not method:
+            self._eval_fns["method"] = method
+            self._eval_fns["logits"] = jax.jit(train_lib.make_eval_fn(
+                self.backbone, method.head_apply, jnp.asarray(self.mean), jnp.asarray(self.std)))
+        return self._eval_fns["logits"]
+
+    def _features_fn(self, flip: bool = False):
+        """The jitted features-only ``eval_fn`` (no head, so its shapes never change): compiled once
+        per run for plain and once for flipped images, shared by every task's feature passes
+        (imprinting, herding, the memory's NME means)."""
+        if flip not in self._eval_fns:
+            self._eval_fns[flip] = jax.jit(train_lib.make_eval_fn(
+                self.backbone, None, jnp.asarray(self.mean), jnp.asarray(self.std), flip=flip))
+        return self._eval_fns[flip]
 
     def _predict(self, eval_fn, state: TaskState, items, indices):
         batches = stream_lib.eval_batches(self.exp.config, items, indices, self.mesh)
         return loop.predict(eval_fn, state.params, state.batch_stats, batches, self.feat_dim)
+
+    def _features(self, state: TaskState, items, indices, flip: bool = False) -> np.ndarray:
+        """Features (n, D) of ``items[indices]`` (the backbone only: the head is not an input)."""
+        batches = stream_lib.eval_batches(self.exp.config, items, indices, self.mesh)
+        backbone_only = {"backbone": state.params["backbone"], "head": None}
+        return loop.predict(self._features_fn(flip), backbone_only, state.batch_stats, batches,
+                            self.feat_dim)[1]
 
     def _evaluate(self, state: TaskState, method, pool, t: int) -> dict[str, Any]:
         start, end = self.exp.scenario.task_range(t)
@@ -317,8 +330,8 @@ class TaskRunner:
         memory_means = None
         mem_all = memory_lib.memory_indices(state.memory, range(end))
         if method.uses_memory and len(mem_all):
-            _, mem_feats = self._predict(eval_fn, state, pool, mem_all)
-            _, mem_flip = self._predict(self._eval_fn(method, flip=True), state, pool, mem_all)
+            mem_feats = self._features(state, pool, mem_all)
+            mem_flip = self._features(state, pool, mem_all, flip=True)
             memory_means = ev.class_means(mem_feats, pool.labels[mem_all], end, mem_flip)
         sel = np.flatnonzero((self.test_y >= 0) & (self.test_y < end))
         test = pool_lib.TaskPool(self.test_y, len(self.test_y), len(self.test_y),

@@ -196,17 +196,23 @@ def make_finetune_step(backbone, method, tx: optax.GradientTransformation, strea
     return step
 
 
-def make_eval_fn(backbone, head_apply: Callable, mean: jax.Array, std: jax.Array,
+def make_eval_fn(backbone, head_apply: Callable | None, mean: jax.Array, std: jax.Array,
                  flip: bool = False):
     """``eval_fn(params, batch_stats, images_u8) -> (logits, features)`` in inference mode.
 
     ``flip=True`` mirrors the images horizontally first (the flipped copies of PODNet's NME means).
+    ``head_apply=None``: features only, ``logits`` is None and ``params["head"]`` is not read (pass
+    ``None`` there, so the program does not depend on the head's shape).
     """
 
     def eval_fn(params, batch_stats, images_u8):
         if flip:
             images_u8 = images_u8[:, :, ::-1, :]
         images = (images_u8.astype(jnp.float32) / 255.0 - mean) / std
+        if head_apply is None:
+            out = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats}, images,
+                                 train=False)
+            return None, out["features"]
         out, _ = forward(backbone, head_apply, params, batch_stats, images, train=False)
         return out["logits"], out["features"]
 
