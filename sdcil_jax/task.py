@@ -49,7 +49,8 @@ class TaskRunner:
     def __init__(self, exp, saver: Saver, progress: bool = True):
         self.exp, self.saver, self.progress = exp, saver, progress
         self.plan = None  # a plan.training_plan(exp), for the projected time after each task starts
-        self._eval_fns: dict[Any, Any] = {}  # the jitted evaluation functions (see _eval_fn)
+        self._logits_fn: tuple[Any, Any] = (None, None)  # (method, its jitted eval_fn)
+        self._features_fns: dict[bool, Any] = {}  # flip -> jitted features-only eval_fn
         cfg, ds = exp.config, exp.dataset
         self.mesh = parallel.make_mesh()
         self.backbone = build_backbone(cfg.model)
@@ -298,20 +299,19 @@ class TaskRunner:
     def _eval_fn(self, method):
         """The jitted ``eval_fn`` (logits and features) of ``method``'s head: one per method object,
         shared by the task's test-set evaluation and domain gap (one compilation a task)."""
-        if self._eval_fns.get("method") is not method:
-            self._eval_fns["method"] = method
-            self._eval_fns["logits"] = jax.jit(train_lib.make_eval_fn(
-                self.backbone, method.head_apply, jnp.asarray(self.mean), jnp.asarray(self.std)))
-        return self._eval_fns["logits"]
+        if self._logits_fn[0] is not method:
+            self._logits_fn = (method, jax.jit(train_lib.make_eval_fn(
+                self.backbone, method.head_apply, jnp.asarray(self.mean), jnp.asarray(self.std))))
+        return self._logits_fn[1]
 
     def _features_fn(self, flip: bool = False):
         """The jitted features-only ``eval_fn`` (no head, so its shapes never change): compiled once
         per run for plain and once for flipped images, shared by every task's feature passes
         (imprinting, herding, the memory's NME means)."""
-        if flip not in self._eval_fns:
-            self._eval_fns[flip] = jax.jit(train_lib.make_eval_fn(
+        if flip not in self._features_fns:
+            self._features_fns[flip] = jax.jit(train_lib.make_eval_fn(
                 self.backbone, None, jnp.asarray(self.mean), jnp.asarray(self.std), flip=flip))
-        return self._eval_fns[flip]
+        return self._features_fns[flip]
 
     def _predict(self, eval_fn, state: TaskState, items, indices):
         batches = stream_lib.eval_batches(self.exp.config, items, indices, self.mesh)
