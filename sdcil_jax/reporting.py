@@ -197,5 +197,7 @@ def print_table(results: dict) -> None:
         lines.append(f"last accuracy (NME):                {results['nme_last_accuracy']:.2f}")
     fg = results["forgetting"]
     lines.append(f"forgetting:                         {'-' if fg is None else f'{fg:.2f}'}")
-    lines.append(f"wall time: {results['wall_time_s']:.1f}s")
+    # the Saver's clock: training and evaluation, summed over resumed sessions; not generation
+    lines.append(f"training wall time:                 {results['wall_time_s']:.1f} s (all "
+                 "sessions; replay generation not included)")
     print("\n".join(lines), flush=True)
