@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
+from processes import end_group  # noqa: E402
 from xla_cache import cache_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +36,13 @@ def quickstart_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quickstart_run")
     env = dict(os.environ, TFDS_DATA_DIR=str(tmp / "tfds"), HF_HUB_OFFLINE="1", **cache_env())
     assert "--xla_force_host_platform_device_count=4" in env.get("XLA_FLAGS", "")
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "sdcil_jax.main", "--config", QUICKSTART, "--workdir",
-         str(tmp / "work"), *TINY], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=900)
-    return SimpleNamespace(proc=proc, workdir=tmp / "work", tfds_dir=tmp / "tfds")
+         str(tmp / "work"), *TINY], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=900)  # a hang fails the tests that use the run
+    finally:
+        end_group(proc)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return SimpleNamespace(proc=done, workdir=tmp / "work", tfds_dir=tmp / "tfds")

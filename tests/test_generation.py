@@ -2,7 +2,6 @@
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from processes import end_group
 
 from sdcil_jax.config import base_config
 from sdcil_jax.errors import GenerationError
@@ -380,9 +380,7 @@ def test_two_processes_each_generate_half_of_the_single_process_store(tmp_path, 
             outputs.append(proc.communicate(timeout=240)[0])
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
+            end_group(p)
     for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-3000:]
         assert "RESULT 2 8 [0, 1, 2]" in output, output[-3000:]

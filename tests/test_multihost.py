@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import QUICKSTART, ROOT
+from processes import end_group
 from xla_cache import cache_env
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.py")
 SHORT = ["--config.scenario.max_tasks=2", "--config.train.epochs=2",
          "--config.method.finetune_epochs=1", "--config.generation.per_class=8",
          "--config.synthetic.per_class=8", "--config.dataset.holdout_per_class=8",
@@ -67,12 +67,7 @@ def launch(workdir: Path, tfds_dir: Path, processes: int, extra=()) -> list[subp
 
 def kill(procs) -> None:
     for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        p.wait(timeout=30)
+        end_group(p)
 
 
 def wait(procs, timeout: float = RUN_TIMEOUT) -> list[int]:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import end_group
 from xla_cache import cache_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +63,7 @@ def _launched(workdir, tmp_path, extra=(), env=None, **popen_kwargs):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=60)
+        end_group(proc, wait_s=60)
 
 
 def _metrics(workdir):
