@@ -91,7 +91,7 @@ def run_epochs(*, step_fn, state, old_vars, stream, task_key, epochs: int, task:
 
 
 def predict(eval_fn, params, batch_stats, batches: Iterable[tuple[Any, int]],
-            feat_dim: int) -> tuple[np.ndarray, np.ndarray]:
+            feat_dim: int) -> tuple[np.ndarray | None, np.ndarray]:
     """Logits and features over ``(images, n_valid)`` batches (padding rows dropped), gathered from
     every process (each process gets the whole result). Logits are None for a features-only
     ``eval_fn`` (one that returns None for them)."""

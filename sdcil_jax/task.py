@@ -319,10 +319,9 @@ class TaskRunner:
 
     def _features(self, state: TaskState, items, indices, flip: bool = False) -> np.ndarray:
         """Features (n, D) of ``items[indices]`` (the backbone only: the head is not an input)."""
-        batches = stream_lib.eval_batches(self.exp.config, items, indices, self.mesh)
         backbone_only = {"backbone": state.params["backbone"], "head": None}
-        return loop.predict(self._features_fn(flip), backbone_only, state.batch_stats, batches,
-                            self.feat_dim)[1]
+        return self._predict(self._features_fn(flip), dataclasses.replace(state, params=backbone_only),
+                             items, indices)[1]
 
     def _evaluate(self, state: TaskState, method, pool, t: int) -> dict[str, Any]:
         start, end = self.exp.scenario.task_range(t)
