@@ -39,14 +39,14 @@ def parts(setting: dict):
     run, images, _ = jax_step(setting)
     p = run.parts
     backbone, method, stream = p["backbone"], p["method"], p["stream"]
-    batch, key, old = p["batches"][0], p["key"], p["old"]
+    batch, key, old, args = p["batches"][0], p["key"], p["old"], p["args"]
     mean, std = p["mean"], p["std"]
     # the step donates its state: the pieces run on the old model's copy of the same values
     params, stats = old["params"], old["batch_stats"]
 
     @jax.jit
-    def materialise(pool, batch, key):
-        b = stream.materialise(pool, batch, key, key)
+    def materialise(pool, batch, key, stream_args):
+        b = stream.materialise(pool, batch, key, key, stream_args)
         return (b["image"] - mean) / std, b["label"], b["cls_mask"], b["dist_mask"]
 
     @jax.jit
@@ -64,15 +64,15 @@ def parts(setting: dict):
         def loss_fn(params):
             out, new_stats = train_lib.forward(backbone, method.head_apply, params, stats, images,
                                                train=True)
-            loss, _ = method.loss(params, out, old_out, y, cls_mask, dist_mask)
+            loss, _ = method.loss(params, out, old_out, y, cls_mask, dist_mask, args["method"])
             return loss, new_stats
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    images, y, cls_mask, dist_mask = materialise(stream.pool, batch, key)
+    images, y, cls_mask, dist_mask = materialise(stream.pool, batch, key, args["stream"])
     old_out = old_forward(old, images)
     pieces = {
-        "materialise": lambda: materialise(stream.pool, batch, key),
+        "materialise": lambda: materialise(stream.pool, batch, key, args["stream"]),
         "old forward": lambda: old_forward(old, images),
         "new forward": lambda: new_forward(params, stats, images),
         "loss + grad": lambda: loss_grad(params, stats, images, y, cls_mask, dist_mask, old_out),

@@ -12,7 +12,9 @@ Settings (task 1 of the protocol: old model frozen, PODNet loss, SGD):
   imagenet_synth the same with a synthetic batch of 64
 
 The JAX step is the one the task loop builds (``train.make_train_step`` over a
-``data.stream.DeviceStream`` / ``DecodedBatches``, jitted with the state donated). The PyTorch step
+``data.stream.DeviceStream`` / ``DecodedBatches``, jitted with the state donated): the head
+allocated for the protocol's 100 classes (40 dead, masked), the task's facts and the learning rate
+as traced arguments. The PyTorch step
 is written here from the project's description of the official network and losses (docs/method.md,
 docs/fidelity.md: rebuffi ResNet-32 / PODNet ResNet-18, LSC with softmax merging, NCA with margin
 0.6, POD-flat, POD-spatial, clamp 5, SGD momentum 0.9 with coupled weight decay); it is not the
@@ -39,7 +41,7 @@ SETTINGS = {
     "imagenet": dict(model="resnet18", size=224, batch=64, synth=0),
     "imagenet_synth": dict(model="resnet18", size=224, batch=64, synth=64),
 }
-OLD, NEW, K = 50, 10, 10
+OLD, NEW, K, TOTAL = 50, 10, 10, 100
 
 
 # ------------------------------------------------------------------------------------------ JAX
@@ -63,16 +65,18 @@ def jax_step(setting: dict, seed: int = 0, dtype: str = "float32"):
     cfg.method.name = "podnet"
     cfg.method.pod_flat, cfg.method.pod_spatial = (1.0, 3.0) if setting["size"] == 32 else (10., 8.)
     backbone = build_backbone(cfg.model)
-    method = get_method(cfg, TaskInfo(task=1, num_old=OLD, num_new=NEW))
+    info = TaskInfo(task=1, num_old=OLD, num_new=NEW)
+    method = get_method(cfg)
     size, batch, synth = setting["size"], setting["batch"], setting["synth"]
     variables = jax.jit(lambda k: backbone.init(k, jnp.zeros((1, size, size, 3)), train=False))(
         jax.random.PRNGKey(seed))
     feat_dim = 64 if setting["model"] == "resnet32" else 512
-    head = method.init_head(jax.random.PRNGKey(1), feat_dim, OLD + NEW)
+    head = method.pad_head(jax.device_get(method.init_head(jax.random.PRNGKey(1), feat_dim,
+                                                           OLD + NEW)), TOTAL)
     params = {"backbone": variables["params"], "head": head}
     old = {"params": params, "batch_stats": variables["batch_stats"]}
     mesh = parallel.make_mesh()
-    tx = train_lib.make_optimizer(0.1, 0.9, 5e-4, 160 * 40, "cosine_epoch", 40)
+    tx = train_lib.sgd_direction(0.9, 5e-4)
     rng = np.random.default_rng(seed)
     mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
     if size == 32:
@@ -95,24 +99,26 @@ def jax_step(setting: dict, seed: int = 0, dtype: str = "float32"):
                 b["synth_image"] = rng.integers(0, 256, (synth, size, size, 3), dtype=np.uint8)
                 b["synth_label"] = rng.integers(0, OLD, synth).astype(np.int32)
             batches.append({k: parallel.put_global(v, sharding) for k, v in b.items()})
-    step = jax.jit(train_lib.make_train_step(backbone, method, tx, stream, mean, std),
-                   donate_argnums=(0,))
+    step = jax.jit(train_lib.make_train_step(backbone, method, tx, stream, mean, std,
+                                             lr_kind="cosine_epoch"), donate_argnums=(0,))
+    args = parallel.put_replicated(train_lib.step_args(
+        method, stream, train_lib.schedule_args(0.1, 160 * 40, 40), info), mesh)
     state = parallel.put_replicated(train_lib.init_state(params, variables["batch_stats"], tx), mesh)
     old = parallel.put_replicated(old, mesh)
     key = jax.random.PRNGKey(3)
-    compiled = step.lower(state, old, stream.pool, batches[0], key).compile()
+    compiled = step.lower(state, old, stream.pool, batches[0], key, args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
     holder = {"state": state}
     parts = dict(backbone=backbone, method=method, stream=stream, batches=batches, state=state,
-                 old=old, mean=mean, std=std, key=key)
+                 old=old, mean=mean, std=std, key=key, args=args)
 
     def run(steps: int) -> float:
         start = time.perf_counter()
         for i in range(steps):
             holder["state"], metrics = step(holder["state"], old, stream.pool,
-                                            batches[i % len(batches)], key)
+                                            batches[i % len(batches)], key, args)
         jax.block_until_ready(metrics["loss"])
         return time.perf_counter() - start
 

@@ -13,12 +13,15 @@ from sdcil_jax import distributed
 from sdcil_jax.errors import UserError
 
 
-def run_epochs(*, step_fn, state, old_vars, stream, task_key, epochs: int, task: int, desc: str,
+def run_epochs(*, step_fn, state, old_vars, stream, task_key, args, epochs: int, task: int, desc: str,
                start: tuple[int, int] = (0, 0), start_sums: dict[str, float] | None = None,
                log_fn: Callable[[int, dict[str, float]], None] | None = None,
                after_step: Callable[[Any, int, int, dict], None] | None = None,
                progress: bool = True, timing: dict[str, float] | None = None):
     """Run ``epochs`` epochs of ``stream`` through ``step_fn``; returns the final state.
+
+    Each step is ``step_fn(state, old_vars, stream.pool, batch, task_key, args)``; ``args`` are the
+    stage's traced arguments (:func:`sdcil_jax.train.step_args`).
 
     Starts at ``start = (epoch, step_in_epoch)`` (resume; ``start_sums`` are that epoch's partial
     metric sums). Metric sums stay on the devices (no host sync per step). ``after_step(state, epoch,
@@ -68,7 +71,7 @@ def run_epochs(*, step_fn, state, old_vars, stream, task_key, epochs: int, task:
             if item is None:
                 break
             epoch, step, batch = item
-            state, metrics = step_fn(state, old_vars, stream.pool, batch, task_key)
+            state, metrics = step_fn(state, old_vars, stream.pool, batch, task_key, args)
             tick = clock()
             if not t["steps"]:
                 t["compile"] += tick - tock

@@ -8,6 +8,10 @@ Conventions used throughout:
 
 * ``B`` is the batch size, ``C`` the number of classes, ``D`` a feature dimension and maps are NHWC
   ``(B, H, W, K)`` with ``K`` channels.
+* ``live`` is an optional ``(C,)`` bool array of the classes that exist so far (a head allocated
+  for every class of the protocol, :mod:`sdcil_jax.models.heads`): the other columns are excluded
+  from every max and softmax sum (their logits become ``-inf`` after scaling), so the loss and its
+  gradient equal those of a head with only the live columns.
 * ``mask`` is an optional ``(B,)`` float array of per-sample weights (normally 0/1, e.g. to ignore
   padding rows of a fixed-size batch). Every batch reduction is the *masked mean*::
 
@@ -103,7 +107,13 @@ def _target_values(values: Array, labels: Array) -> Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def cross_entropy(logits: Array, labels: Array, mask: Array | None = None) -> Array:
+def _live_only(z: Array, live: Array | None) -> Array:
+    """``z`` with the columns outside ``live`` (``(C,)`` bool) set to ``-inf`` (no gradient)."""
+    return z if live is None else jnp.where(live[None, :], z, -jnp.inf)
+
+
+def cross_entropy(logits: Array, labels: Array, mask: Array | None = None,
+                  live: Array | None = None) -> Array:
     """Softmax cross-entropy with integer labels.
 
     Formula, per sample ``i``::
@@ -116,11 +126,12 @@ def cross_entropy(logits: Array, labels: Array, mask: Array | None = None) -> Ar
       logits: ``(B, C)`` float.
       labels: ``(B,)`` int, values in ``[0, C)``.
       mask: optional ``(B,)`` float sample weights.
+      live: optional ``(C,)`` bool, the classes the softmax runs over (the others excluded).
 
     Returns:
       float32 scalar.
     """
-    logits = jnp.asarray(logits, jnp.float32)
+    logits = _live_only(jnp.asarray(logits, jnp.float32), live)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     per_sample = -_target_values(log_probs, labels)
     return _masked_mean(per_sample, mask)
@@ -134,6 +145,7 @@ def nca(
     margin: float = 0.6,
     exclude_pos_denominator: bool = True,
     mask: Array | None = None,
+    live: Array | None = None,
 ) -> Array:
     """PODNet's NCA classification loss, exactly as the official ``losses.nca`` computes it.
 
@@ -161,13 +173,15 @@ def nca(
       margin: float subtracted from every class score before scaling.
       exclude_pos_denominator: static bool; ``True`` for the NCA form above, ``False`` for CE.
       mask: optional ``(B,)`` float sample weights.
+      live: optional ``(C,)`` bool; classes outside it are excluded from the row max and the
+        denominator (``z = -inf`` after scaling), as if the head had only the live classes.
 
     Returns:
       float32 scalar.
     """
     scores = jnp.asarray(scores, jnp.float32)
     scale = jnp.asarray(scale, jnp.float32)
-    z = scale * (scores - margin)
+    z = _live_only(scale * (scores - margin), live)
     if not exclude_pos_denominator:
         return cross_entropy(z, labels, mask)
 

@@ -17,8 +17,11 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
+
+from sdcil_jax.models import heads
 
 
 @struct.dataclass
@@ -31,31 +34,46 @@ class TrainState:
     opt_state: Any
 
 
-def lr_schedule(lr: float, kind: str, total_steps: int, steps_per_epoch: int = 1):
-    """The learning rate as a function of the optimizer step ``t`` (0-based).
+def schedule_value(kind: str, lr, total_steps, steps_per_epoch, step):
+    """The learning rate at optimizer step ``step`` (0-based); every argument but ``kind`` may be
+    traced, so one compiled step serves stages of any length.
 
     * ``constant``: ``lr`` (PODNet's balanced finetuning);
-    * ``cosine_step``: ``lr * (1 + cos(pi * t / total_steps)) / 2``;
+    * ``cosine_step``: ``lr * (1 + cos(pi * min(t, T) / T)) / 2`` with ``T = total_steps``
+      (``optax.cosine_decay_schedule``'s formula and operation order);
     * ``cosine_epoch``: PODNet's ``CosineAnnealingLR(T_max=E)`` stepped once per epoch in closed form
       (``scheduler.step(epoch)`` after each epoch), with ``e = t // steps_per_epoch`` and
-      ``E = total_steps / steps_per_epoch`` epochs: epoch 0 uses ``lr``, epoch ``e >= 1`` uses
+      ``E = ceil(total_steps / steps_per_epoch)`` epochs: epoch 0 uses ``lr``, epoch ``e >= 1`` uses
       ``lr * (1 + cos(pi * (e - 1) / E)) / 2``.
     """
     if kind == "constant":
-        return lr
+        return jnp.asarray(lr, jnp.float32)
     if kind == "cosine_step":
-        return optax.cosine_decay_schedule(lr, max(total_steps, 1))
+        total = jnp.maximum(jnp.asarray(total_steps, jnp.int32), 1)
+        count = jnp.minimum(jnp.asarray(step, jnp.int32), total)
+        return lr * (0.5 * (1 + jnp.cos(jnp.pi * count / total)))
     if kind == "cosine_epoch":
-        spe = max(int(steps_per_epoch), 1)
-        epochs = max(-(-int(total_steps) // spe), 1)
-
-        def schedule(step):
-            e = jnp.maximum(step // spe - 1, 0).astype(jnp.float32)
-            return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * e / epochs))
-
-        return schedule
+        spe = jnp.maximum(jnp.asarray(steps_per_epoch, jnp.int32), 1)
+        epochs = jnp.maximum(-(-jnp.asarray(total_steps, jnp.int32) // spe), 1)
+        e = jnp.maximum(step // spe - 1, 0).astype(jnp.float32)
+        return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * e / epochs.astype(jnp.float32)))
     raise ValueError(f"Unknown learning-rate schedule {kind!r}; use constant, cosine_step or "
                      "cosine_epoch.")
+
+
+def lr_schedule(lr: float, kind: str, total_steps: int, steps_per_epoch: int = 1):
+    """:func:`schedule_value` as a function of the step (the plain ``lr`` for ``constant``)."""
+    if kind == "constant":
+        return lr
+    if kind not in ("cosine_step", "cosine_epoch"):
+        schedule_value(kind, lr, total_steps, steps_per_epoch, 0)  # raises the message
+    return lambda step: schedule_value(kind, lr, total_steps, steps_per_epoch, step)
+
+
+def schedule_args(lr: float, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+    """The traced schedule arguments of a stage (``args['lr']`` of the step)."""
+    return {"lr": np.asarray(lr, np.float32), "total": np.asarray(total_steps, np.int32),
+            "spe": np.asarray(steps_per_epoch, np.int32)}
 
 
 def make_optimizer(lr: float, momentum: float, weight_decay: float, total_steps: int,
@@ -71,6 +89,21 @@ def make_optimizer(lr: float, momentum: float, weight_decay: float, total_steps:
         optax.sgd(lr_schedule(lr, schedule, total_steps, steps_per_epoch),
                   momentum=momentum if momentum > 0 else None),
     )
+
+
+def sgd_direction(momentum: float, weight_decay: float) -> optax.GradientTransformation:
+    """:func:`make_optimizer` without its learning rate: returns ``m_t`` (the step multiplies it by
+    ``-lr_t`` from traced schedule arguments, :func:`apply_lr`), so the optimizer's program does
+    not depend on a stage's length or learning rate."""
+    parts = [optax.add_decayed_weights(weight_decay)]
+    if momentum > 0:
+        parts.append(optax.trace(decay=momentum))
+    return optax.chain(*parts)
+
+
+def apply_lr(updates, lr):
+    """``-lr * updates`` leaf by leaf (``optax.scale_by_learning_rate``'s arithmetic)."""
+    return jax.tree.map(lambda u: jnp.asarray(-lr, u.dtype) * u, updates)
 
 
 def init_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
@@ -93,7 +126,8 @@ def forward(backbone: flax.linen.Module, head_apply: Callable, params, batch_sta
     return out, new_stats
 
 
-def update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mask, dist_mask):
+def update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mask, dist_mask,
+           args=None, lr=None):
     """One optimisation step on a prepared batch (pure; traced inside the jitted step).
 
     Forward of the frozen old model (inference mode, no gradient) when the method needs it; forward
@@ -105,6 +139,8 @@ def update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mas
       images: (B, H, W, C) float32, normalised. y: (B,) int32 incremental labels.
       cls_mask, dist_mask: (B,) float32, 1 where the sample feeds the classification /
         distillation losses.
+      args: the method's traced task arguments (``method.task_args(info)``; None: the method's own).
+      lr: the traced learning rate when ``tx`` is :func:`sgd_direction` (None: ``tx`` applies it).
 
     Returns:
       (new state, metrics dict with 'loss' and the method's terms).
@@ -118,26 +154,29 @@ def update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mas
     def loss_fn(params):
         out, new_stats = forward(backbone, method.head_apply, params, state.batch_stats,
                                  images, train=True)
-        loss, metrics = method.loss(params, out, old_out, y, cls_mask, dist_mask)
+        loss, metrics = method.loss(params, out, old_out, y, cls_mask, dist_mask, args)
         return loss, (new_stats, metrics)
 
     (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = method.transform_grads(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updates = method.transform_updates(updates)
+    if lr is not None:
+        updates = apply_lr(updates, lr)
+    updates = method.transform_updates(updates, args)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state)
     return new_state, dict(metrics, loss=loss)
 
 
-def finetune_update(backbone, method, tx, state: TrainState, images, y):
+def finetune_update(backbone, method, tx, state: TrainState, images, y, args=None, lr=None):
     """Balanced finetuning, as PODNet's official ``finetuning_config`` (tuning: classifier).
 
     The network runs in train mode: batch norm normalises with the batch statistics and updates its
     running statistics; the backbone weights get no update (``stop_gradient`` on the features) and
     only the leaves that ``method.finetune_update_mask`` marks trainable move (for PODNet: every
     proxy, old and new, but not the learned scale, which the official finetuning optimizer omits).
+    ``args`` and ``lr`` as in :func:`update`.
     """
     out, new_stats = forward(backbone, method.head_apply, state.params, state.batch_stats, images,
                              train=True)
@@ -145,12 +184,14 @@ def finetune_update(backbone, method, tx, state: TrainState, images, y):
     mask = jnp.ones(y.shape, jnp.float32)
 
     def loss_fn(head):
-        return method.finetune_loss(head, method.head_apply(head, feats), y, mask)
+        return method.finetune_loss(head, method.head_apply(head, feats), y, mask, args)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params["head"])
     grads = method.transform_grads({"head": grads})["head"]
     updates, opt_state = tx.update(grads, state.opt_state, state.params["head"])
-    updates = jax.tree.map(lambda u, m: u * m, updates, method.finetune_update_mask(updates))
+    if lr is not None:
+        updates = apply_lr(updates, lr)
+    updates = heads.mask_updates(updates, method.finetune_update_mask(updates, args))
     head = optax.apply_updates(state.params["head"], updates)
     params = dict(state.params, head=head)
     return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
@@ -163,35 +204,60 @@ def init_head_state(params, batch_stats, tx: optax.GradientTransformation) -> Tr
                       opt_state=tx.init(params["head"]))
 
 
-def make_train_step(backbone, method, tx: optax.GradientTransformation, stream, mean, std):
-    """The training step of one stage; jit it with the state donated.
+def step_args(method, stream, lr: dict[str, np.ndarray] | None = None,
+              info=None) -> dict[str, Any]:
+    """Everything the compiled step reads that changes from task to task, as data: the method's
+    task arguments, the stream's (``synth``: the pool's synthetic bounds) and, when the step applies
+    the learning rate, :func:`schedule_args`."""
+    args = {"method": method.task_args(info), "stream": stream.step_args()}
+    if lr is not None:
+        args["lr"] = lr
+    return args
 
-    ``step(state, old_vars, pool, batch, task_key) -> (state, metrics)``: the stream's
-    ``materialise`` turns ``batch`` (and the stream's device ``pool``) into images, labels and masks
-    with ``aug_key, synth_key = split(fold_in(task_key, state.step))``; the images are normalised
+
+def _step_lr(lr_kind: str | None, state: TrainState, args):
+    if lr_kind is None:
+        return None
+    a = args["lr"]
+    return schedule_value(lr_kind, a["lr"], a["total"], a["spe"], state.step)
+
+
+def make_train_step(backbone, method, tx: optax.GradientTransformation, batches, mean, std,
+                    lr_kind: str | None = None):
+    """The training step; jit it once per run (per batch kind) with the state donated.
+
+    ``step(state, old_vars, pool, batch, task_key, args) -> (state, metrics)``: ``batches``'
+    ``materialise`` turns ``batch`` (and the device ``pool``) into images, labels and masks with
+    ``aug_key, synth_key = split(fold_in(task_key, state.step))``; the images are normalised
     ``(x - mean) / std`` and :func:`update` takes one optimisation step. ``old_vars`` is the frozen
-    previous model ({'params', 'batch_stats'}) or None.
+    previous model ({'params', 'batch_stats'}) or None; ``args`` is :func:`step_args`. With
+    ``lr_kind`` (a :func:`schedule_value` kind) ``tx`` is :func:`sgd_direction` and the learning
+    rate comes from ``args['lr']``; without, ``tx`` applies its own schedule.
     """
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
-    def step(state: TrainState, old_vars, pool, batch, task_key):
+    def step(state: TrainState, old_vars, pool, batch, task_key, args):
         aug_key, synth_key = jax.random.split(jax.random.fold_in(task_key, state.step))
-        b = stream.materialise(pool, batch, aug_key, synth_key)
+        b = batches.materialise(pool, batch, aug_key, synth_key, args["stream"])
         return update(backbone, method, tx, state, old_vars, (b["image"] - mean) / std,
-                      b["label"], b["cls_mask"], b["dist_mask"])
+                      b["label"], b["cls_mask"], b["dist_mask"], args["method"],
+                      _step_lr(lr_kind, state, args))
 
     return step
 
 
-def make_finetune_step(backbone, method, tx: optax.GradientTransformation, stream, mean, std):
+def make_finetune_step(backbone, method, tx: optax.GradientTransformation, batches, mean, std,
+                       lr_kind: str | None = None):
     """The balanced-finetuning step (see :func:`finetune_update`); same signature as the training
     step (``old_vars`` unused), augmentation key ``fold_in(task_key, state.step)``."""
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
-    def step(state: TrainState, old_vars, pool, batch, task_key):
+    def step(state: TrainState, old_vars, pool, batch, task_key, args):
         del old_vars
-        b = stream.materialise(pool, batch, jax.random.fold_in(task_key, state.step), None)
-        return finetune_update(backbone, method, tx, state, (b["image"] - mean) / std, b["label"])
+        b = batches.materialise(pool, batch, jax.random.fold_in(task_key, state.step), None,
+                                args["stream"])
+        return finetune_update(backbone, method, tx, state, (b["image"] - mean) / std, b["label"],
+                               args["method"], _step_lr(lr_kind, state, args))
 
     return step
 

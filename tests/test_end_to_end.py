@@ -132,9 +132,11 @@ def test_generate_then_train_and_domain_gap(tmp_path, caplog):
         results = sdcil_jax.run(config, workdir, mode="train", progress=False)
     gaps = [r["synthetic_accuracy"] for r in results["per_task"]]
     assert all(g is not None and 0 <= g <= 100 for g in gaps)
-    # The evaluation programs compile once each, however many passes a task makes: features only
-    # (no head: imprinting, herding, the memory's NME means), plain and flipped, once per run; with
-    # the head's logits (test set, domain gap) once per task. (A fresh jit per pass compiled 8.)
+    # The evaluation programs compile once each per run, however many passes and tasks: features
+    # only (imprinting, herding, the memory's NME means), plain and flipped; the head's logits
+    # (test set, domain gap: the head holds every class from the first task). The steps: task 0's
+    # training step, the later tasks' (old model, synthetic batch) and the finetuning step.
     compiled = [r.getMessage().split()[1] for r in caplog.records
                 if r.getMessage().startswith("Compiling ")]
-    assert compiled.count("jit(eval_fn)") == 2 + 2, compiled
+    assert compiled.count("jit(eval_fn)") == 3, compiled
+    assert compiled.count("jit(step)") == 3, compiled

@@ -23,12 +23,13 @@ def _podnet_setup(method_name="podnet"):
     old_method = get_method(cfg, TaskInfo(task=0, num_old=0, num_new=2))
     method = get_method(cfg, TaskInfo(task=1, num_old=2, num_new=2))
     variables = backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
-    head0 = old_method.init_head(jax.random.PRNGKey(1), 32, 2)
+    head0 = method.pad_head(old_method.init_head(jax.random.PRNGKey(1), 32, 2), 4)
     old_vars = {"params": {"backbone": variables["params"], "head": head0},
                 "batch_stats": variables["batch_stats"]}
     rng = np.random.default_rng(0)
     feats = [rng.normal(size=(6, 32)), rng.normal(size=(6, 32))]
-    head = method.grow_head(head0, jax.random.PRNGKey(2), 2, feats if method.imprint else None)
+    head = method.grow_head(head0, jax.random.PRNGKey(2), method.info,
+                            feats if method.imprint else None)
     params = {"backbone": variables["params"], "head": head}
     pool_x = rng.integers(0, 256, size=(48, 8, 8, 3), dtype=np.uint8)
     pool_y = rng.integers(0, 4, size=(48,)).astype(np.int32)
@@ -49,7 +50,8 @@ def _epoch(method_name, synth_batch=8):
     logs = []
     state = loop.run_epochs(step_fn=step, state=state,
                             old_vars=parallel.put_replicated(old_vars, mesh), stream=stream,
-                            task_key=jax.random.PRNGKey(5), epochs=2, task=1, desc="t",
+                            task_key=jax.random.PRNGKey(5),
+                            args=train_lib.step_args(method, stream), epochs=2, task=1, desc="t",
                             log_fn=lambda e, m: logs.append(m), progress=False)
     return params, parallel.fetch(state), step, logs
 
@@ -90,7 +92,8 @@ def test_icarl_loss_matches_numpy_reference():
     cfg, backbone, method, *_ = _podnet_setup("icarl")
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(5, 4)).astype(np.float32)
-    old_logits = rng.normal(size=(5, 2)).astype(np.float32)
+    # the old model's head has every column too; only the old classes' (0, 1) are read
+    old_logits = rng.normal(size=(5, 4)).astype(np.float32)
     labels = np.array([0, 3, 2, 1, 3])
     cls = np.array([1, 1, 0, 1, 1], np.float32)
     dist = np.array([1, 1, 1, 0, 1], np.float32)

@@ -13,19 +13,21 @@ from sdcil_jax.models import (
     ResNet18,
     build_backbone,
     feature_dim,
-    frozen_mask_linear,
-    frozen_mask_lsc,
     kmeans_imprint,
     linear_apply,
-    linear_grow,
     linear_init,
+    linear_pad,
+    linear_write,
     lsc_apply,
-    lsc_grow,
     lsc_init,
+    lsc_pad,
     lsc_scale,
+    lsc_write,
     mask_updates,
     resnet32,
     resnet_tiny,
+    trainable_mask_linear,
+    trainable_mask_lsc,
 )
 
 
@@ -213,18 +215,39 @@ def test_lsc_grad_and_frozen_mask():
     feats = jax.random.normal(_key(1), (5, 8))
     grads = jax.grad(lambda p: jnp.sum(lsc_scale(p) * lsc_apply(p, feats, 3)))(params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-    mask = frozen_mask_lsc(n_old_classes=3, n_total=4, proxies_per_class=3)
+    # traced bounds: one jitted mask for any task
+    mask_fn = jax.jit(lambda lo, hi: trainable_mask_lsc(4, lo, hi, 3))
+    mask = mask_fn(3, 4)
     assert mask["proxies"].shape == (12, 1)
     masked = mask_updates(grads, mask)
     np.testing.assert_array_equal(masked["proxies"][:9], 0.0)
     np.testing.assert_array_equal(masked["proxies"][9:], grads["proxies"][9:])
     assert float(masked["scale"]) == float(grads["scale"])
+    middle = mask_updates(grads, mask_fn(1, 3))  # old class 0 and dead class 3 frozen
+    np.testing.assert_array_equal(middle["proxies"][:3], 0.0)
+    np.testing.assert_array_equal(middle["proxies"][3:9], grads["proxies"][3:9])
+    np.testing.assert_array_equal(middle["proxies"][9:], 0.0)
+    assert mask_fn._cache_size() == 1
 
 
-def test_lsc_grow_keeps_old_proxies():
+def test_mask_updates_drops_non_finite_frozen_rows():
+    """A select, not a product: NaN * 0 would be NaN."""
+    updates = {"proxies": jnp.asarray([[np.nan], [1.0]]), "scale": jnp.asarray(np.inf)}
+    masked = mask_updates(updates, {"proxies": jnp.asarray([[0.0], [1.0]]), "scale": jnp.zeros(())})
+    np.testing.assert_array_equal(masked["proxies"], [[0.0], [1.0]])
+    assert float(masked["scale"]) == 0.0
+
+
+def test_lsc_pad_and_write_keep_the_shape():
     params = lsc_init(_key(0), 8, 2, 3)
+    padded = lsc_pad(params, 4, 3)
+    assert padded["proxies"].shape == (12, 8)
+    np.testing.assert_array_equal(padded["proxies"][:6], params["proxies"])
+    # dead rows are not zero: their normalisation's gradient must stay finite
+    dead_grad = jax.grad(lambda p: jnp.sum(lsc_apply(p, jnp.ones((1, 8)), 3)[:, :2]))(padded)
+    assert bool(jnp.isfinite(dead_grad["proxies"]).all())
     new = np.ones((2 * 3, 8), np.float32)
-    grown = lsc_grow(params, new)
+    grown = lsc_write(padded, 6, new)
     assert grown["proxies"].shape == (12, 8)
     np.testing.assert_array_equal(grown["proxies"][:6], params["proxies"])
     np.testing.assert_array_equal(grown["proxies"][6:], new)
@@ -232,22 +255,26 @@ def test_lsc_grow_keeps_old_proxies():
     assert lsc_apply(grown, jnp.ones((1, 8)), 3).shape == (1, 4)
 
 
-def test_linear_head_grow_and_mask():
+def test_linear_head_pad_write_and_mask():
     params = linear_init(_key(0), 16, 5)
     assert params["w"].shape == (16, 5) and params["b"].shape == (5,)
     np.testing.assert_array_equal(params["b"], 0.0)
-    grown = linear_grow(params, _key(1), 3)
-    assert grown["w"].shape == (16, 8) and grown["b"].shape == (8,)
+    padded = linear_pad(params, 10)
+    new = linear_init(_key(1), 16, 3)
+    grown = linear_write(padded, 5, new)
+    assert grown["w"].shape == (16, 10) and grown["b"].shape == (10,)
     np.testing.assert_array_equal(grown["w"][:, :5], params["w"])
+    np.testing.assert_array_equal(grown["w"][:, 5:8], new["w"])
+    np.testing.assert_array_equal(grown["w"][:, 8:], 0.0)
     feats = jax.random.normal(_key(2), (4, 16))
     np.testing.assert_allclose(
         linear_apply(grown, feats)[:, :5], linear_apply(params, feats), rtol=1e-5, atol=1e-6
     )
-    mask = frozen_mask_linear(5, 8)
+    mask = trainable_mask_linear(10, 5, 8)
     masked = mask_updates(jax.tree.map(jnp.ones_like, grown), mask)
     np.testing.assert_array_equal(masked["w"][:, :5], 0.0)
-    np.testing.assert_array_equal(masked["w"][:, 5:], 1.0)
-    np.testing.assert_array_equal(masked["b"], [0] * 5 + [1] * 3)
+    np.testing.assert_array_equal(masked["w"][:, 5:8], 1.0)
+    np.testing.assert_array_equal(masked["b"], [0] * 5 + [1] * 3 + [0] * 2)
 
 
 def test_kmeans_imprint_finds_clusters():
@@ -298,14 +325,17 @@ def test_podnet_imprints_at_the_mean_proxy_norm():
     cfg = base_config()
     cfg.method.name = "podnet"
     cfg.method.proxies_per_class = 2
-    method = get_method(cfg, TaskInfo(task=1, num_old=2, num_new=1))
-    head = {"proxies": jnp.asarray(np.repeat([[3.0, 0.0], [0.0, 5.0]], 2, axis=0)),
-            "scale": jnp.asarray(1.0)}
+    info = TaskInfo(task=1, num_old=2, num_new=1)
+    method = get_method(cfg)
+    head = {"proxies": np.repeat([[3.0, 0.0], [0.0, 5.0]], 2, axis=0), "scale": np.asarray(1.0)}
+    head = method.pad_head(head, 5)  # classes 3 and 4 not seen yet: their rows do not count
     feats = [np.random.default_rng(0).normal(size=(10, 2))]
-    grown = method.grow_head(head, jax.random.PRNGKey(0), 1, feats)
-    new = np.asarray(grown["proxies"][4:])
+    grown = method.grow_head(head, jax.random.PRNGKey(0), info, feats)
+    assert grown["proxies"].shape == (10, 2)
+    new = np.asarray(grown["proxies"][4:6])
     want = kmeans_imprint(feats, 2, seed=cfg.seed + 1, target_norm=4.0)
     np.testing.assert_allclose(new, want, rtol=1e-6)
+    np.testing.assert_array_equal(grown["proxies"][6:], head["proxies"][6:])
 
 
 def test_build_backbone_registry():

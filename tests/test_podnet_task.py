@@ -67,11 +67,11 @@ def test_task_order_finetuning_and_memory_from_the_finetuned_network(tmp_path, m
         events.append("evaluate")
         return evaluate(*args)
 
-    real_make = train_lib.make_optimizer
+    real_schedule = train_lib.lr_schedule
 
-    def spy_make(lr, momentum, wd, steps, schedule="cosine_step", spe=1):
+    def spy_schedule(lr, schedule, steps, spe=1):
         schedules.append((lr, schedule))
-        return real_make(lr, momentum, wd, steps, schedule, spe)
+        return real_schedule(lr, schedule, steps, spe)
 
     means_calls = []
     real_means = ev.class_means
@@ -83,7 +83,7 @@ def test_task_order_finetuning_and_memory_from_the_finetuned_network(tmp_path, m
     monkeypatch.setattr(runner, "_stage", spy_stage)
     monkeypatch.setattr(runner, "_update_memory", spy_memory)
     monkeypatch.setattr(runner, "_evaluate", spy_eval)
-    monkeypatch.setattr(train_lib, "make_optimizer", spy_make)
+    monkeypatch.setattr(train_lib, "lr_schedule", spy_schedule)
     monkeypatch.setattr(ev, "class_means", spy_means)
     state = runner.initial_state()
     for t in range(2):
@@ -104,11 +104,11 @@ def test_task_order_finetuning_and_memory_from_the_finetuned_network(tmp_path, m
                                                       strict=True))
     moved = np.abs(p1["head"]["proxies"] - p0["head"]["proxies"]).max(1)
     k = cfg.method.proxies_per_class
-    assert moved[: 2 * k].max() > 0 and moved[2 * k:].max() > 0  # old and new proxies
+    assert moved[: 2 * k].max() > 0 and moved[2 * k:4 * k].max() > 0  # old and new proxies
+    assert moved[4 * k:].max() == 0  # classes not seen yet: dead rows, frozen
     # The memory kept is the herding of the new classes with the finetuned network.
-    method = runner.method(1)
-    eval_fn = runner._eval_fn(method)
-    pool = runner._pool(1)
+    eval_fn = runner._eval_fn()
+    pool = runner._pool()
     for c in (2, 3):
         idx_c = np.flatnonzero(runner.train_y == c)
         _, feats = runner._predict(eval_fn, state, pool, idx_c)

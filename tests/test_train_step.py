@@ -47,7 +47,8 @@ def _run(devices, synth_batch, steps=2):
     state = parallel.put_replicated(state0, mesh)
     metrics = None
     for _, _, batch in stream.batches(0, 0, 1):
-        state, metrics = step(state, None, stream.pool, batch, jax.random.PRNGKey(3))
+        state, metrics = step(state, None, stream.pool, batch, jax.random.PRNGKey(3),
+                              train_lib.step_args(method, stream))
     return parallel.fetch(state), parallel.fetch(metrics), step
 
 
@@ -86,10 +87,10 @@ def test_bfloat16_step_loss_close_to_float32():
         old_m = get_method(cfg, TaskInfo(task=0, num_old=0, num_new=2))
         method = get_method(cfg, TaskInfo(task=1, num_old=2, num_new=2))
         variables = backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
-        head = old_m.init_head(jax.random.PRNGKey(1), 32, 2)
+        head = method.pad_head(old_m.init_head(jax.random.PRNGKey(1), 32, 2), 4)
         old = {"params": {"backbone": variables["params"], "head": head},
                "batch_stats": variables["batch_stats"]}
-        head = method.grow_head(head, jax.random.PRNGKey(2), 2, None)
+        head = method.grow_head(head, jax.random.PRNGKey(2), method.info, None)
         params = {"backbone": variables["params"], "head": head}
         tx = train_lib.make_optimizer(0.1, 0.9, 5e-4, 10)
         state = train_lib.init_state(params, variables["batch_stats"], tx)

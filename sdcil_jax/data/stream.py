@@ -1,8 +1,11 @@
 """Batch streams: what the one training step, the one epoch loop and the one predict consume.
 
 A training stream yields, for each step of a stage, ``(epoch, step, batch)`` where ``batch`` is a
-dict of global jax Arrays sharded over the ``data`` mesh axis, and offers ``materialise(pool, batch,
-aug_key, synth_key)``, a pure function traced inside the jitted step that turns its batch into::
+dict of global jax Arrays sharded over the ``data`` mesh axis. Its ``maker`` (a hashable value that
+is the same for every task of a run, so one compiled step serves them all) offers
+``materialise(pool, batch, aug_key, synth_key, stream_args)``, a pure function traced inside the
+jitted step, and the stream's ``step_args()`` are the task's part of ``stream_args`` (the synthetic
+bounds of the pool, as data); it turns the batch into::
 
     {"image": (B, H, W, C) float32 in [0, 1], "label": (B,) int32,
      "cls_mask": (B,) float32, "dist_mask": (B,) float32}
@@ -11,10 +14,11 @@ The real samples come first, then ``synth_batch`` synthetic ones; the masks say 
 the classification and the distillation losses (:func:`sample_masks`, the one place where
 ``synthetic.use_in`` is read). Two kinds, chosen here and nowhere else:
 
-* :class:`DeviceStream` (CIFAR-size): the task's uint8 pool lives on the devices (``pool`` argument
-  of the step); a batch is the real indices; the gather, the uniform draw of the synthetic indices
-  from ``synth_key`` and the augmentation happen inside jit, so no image crosses to the host while
-  training. Epoch ``e``'s order is ``default_rng([seed, task, e])`` (:func:`epoch_batches`).
+* :class:`DeviceStream` (CIFAR-size): the run's uint8 pool lives on the devices (``pool`` argument
+  of the step, allocated once per run at its final size); a batch is the real indices; the gather,
+  the uniform draw of the synthetic indices in ``[lo, hi)`` (traced bounds) from ``synth_key`` and
+  the augmentation happen inside jit, so no image crosses to the host while training. Epoch
+  ``e``'s order is ``default_rng([seed, task, e])`` (:func:`epoch_batches`).
 * :class:`HostStream` (ImageNet-size): images are decoded and augmented on the host by
   :class:`~sdcil_jax.data.host_pipeline.HostPipeline` (real and synthetic pipelines side by side; the
   synthetic one's position is a function of the step), so a batch already holds uint8 images.
@@ -26,6 +30,7 @@ evaluation batches (uint8 images, padded to the batch size) for :func:`sdcil_jax
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,20 +71,63 @@ def epoch_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator
     return np.tile(perm, reps)[:need].reshape(steps, batch_size)
 
 
+def _synth_args(lo: int, hi: int) -> dict[str, np.ndarray]:
+    """``{'synth': int32 [lo, hi)}``: the synthetic draw's bounds (an empty range draws ``lo``,
+    whose images feed nothing when the step's synthetic batch is 0)."""
+    return {"synth": np.asarray([lo, max(hi, lo + 1)], np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceBatches:
+    """What turns a :class:`DeviceStream` batch of indices into images inside the step (static:
+    the same for every task of a run)."""
+
+    batch_size: int
+    synth_batch: int
+    use_in: str
+    mesh: Any
+    augment: tuple[tuple[str, Any], ...]
+
+    def materialise(self, pool, batch, aug_key, synth_key, stream_args):
+        pool_x, pool_y = pool
+        idx = batch["index"]
+        x, y = pool_x[idx], pool_y[idx]
+        if self.synth_batch > 0:
+            lo, hi = stream_args["synth"][0], stream_args["synth"][1]
+            s_idx = jax.random.randint(synth_key, (self.synth_batch,), lo, hi)
+            x = jnp.concatenate([x, pool_x[s_idx]])
+            y = jnp.concatenate([y, pool_y[s_idx]])
+        x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(self.mesh))
+        images = aug_lib.augment(x.astype(jnp.float32) / 255.0, aug_key, **dict(self.augment))
+        cls, dist = sample_masks(self.use_in, self.batch_size, self.synth_batch)
+        return {"image": images, "label": y, "cls_mask": jnp.asarray(cls),
+                "dist_mask": jnp.asarray(dist)}
+
+
 class DeviceStream:
-    """CIFAR-size training stream (see the module docstring)."""
+    """CIFAR-size training stream (see the module docstring).
+
+    ``device_pool``: the pool's ``(images, labels)`` already replicated on the mesh (a run puts its
+    pool there once); ``synth_bounds``: the task's synthetic rows ``[lo, hi)`` (default: the pool's).
+    """
 
     def __init__(self, pool: TaskPool, indices: np.ndarray, *, batch_size: int, synth_batch: int,
-                 use_in: str, seed: int, task: int, mesh, augment: dict[str, Any]):
+                 use_in: str, seed: int, task: int, mesh, augment: dict[str, Any],
+                 device_pool=None, synth_bounds: tuple[int, int] | None = None):
         self.indices = np.asarray(indices)
         self.batch_size, self.synth_batch = int(batch_size), int(synth_batch)
         self.seed, self.task, self.mesh = int(seed), int(task), mesh
-        self.augment = dict(augment)
-        self.masks = sample_masks(use_in, self.batch_size, self.synth_batch)
+        self.maker = DeviceBatches(self.batch_size, self.synth_batch, use_in, mesh,
+                                   tuple(sorted(augment.items())))
         self.steps_per_epoch = max(1, -(-len(self.indices) // self.batch_size))
-        self.synth_bounds = (pool.synth_lo, max(pool.synth_hi, pool.synth_lo + 1))
-        self.pool = (parallel.put_replicated(pool.images, mesh),
-                     parallel.put_replicated(pool.labels, mesh))
+        self.synth_bounds = synth_bounds or (pool.synth_lo, pool.synth_hi)
+        self.pool = device_pool if device_pool is not None else device_pool_of(pool, mesh)
+
+    def step_args(self) -> dict[str, np.ndarray]:
+        return _synth_args(*self.synth_bounds)
+
+    def materialise(self, pool, batch, aug_key, synth_key, stream_args):
+        return self.maker.materialise(pool, batch, aug_key, synth_key, stream_args)
 
     def batches(self, epoch: int, step: int, num_epochs: int) -> Iterator[tuple[int, int, Any]]:
         sharding = parallel.batch_sharded(self.mesh)
@@ -96,53 +144,63 @@ class DeviceStream:
     def restore(self, state: dict[str, Any]) -> tuple[int, int]:
         return int(state["epoch"]), int(state["step"])
 
-    def materialise(self, pool, batch, aug_key, synth_key):
-        pool_x, pool_y = pool
-        idx = batch["index"]
-        x, y = pool_x[idx], pool_y[idx]
-        if self.synth_batch > 0:
-            lo, hi = self.synth_bounds
-            s_idx = jax.random.randint(synth_key, (self.synth_batch,), lo, hi)
-            x = jnp.concatenate([x, pool_x[s_idx]])
-            y = jnp.concatenate([y, pool_y[s_idx]])
-        x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(self.mesh))
-        images = aug_lib.augment(x.astype(jnp.float32) / 255.0, aug_key, **self.augment)
-        return {"image": images, "label": y, "cls_mask": jnp.asarray(self.masks[0]),
-                "dist_mask": jnp.asarray(self.masks[1])}
-
     def close(self) -> None:
         pass
 
 
+def device_pool_of(pool: TaskPool, mesh):
+    """A pool's ``(uint8 images, int32 labels)`` replicated on every device of ``mesh``."""
+    return (parallel.put_replicated(pool.images, mesh), parallel.put_replicated(pool.labels, mesh))
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodedBatches:
     """Batches that arrive decoded and augmented (``real_image``, ``real_label`` and, with a
-    synthetic stream, ``synth_image``, ``synth_label``: uint8 / int32 global arrays); what
-    :class:`HostStream` yields, and what a benchmark can feed the step directly."""
+    synthetic stream, ``synth_image``, ``synth_label``: uint8 / int32 global arrays); the
+    :class:`HostStream`'s maker, and what a benchmark can feed the step directly."""
 
-    def __init__(self, *, batch_size: int, synth_batch: int, use_in: str, mesh):
-        self.synth_batch, self.mesh = int(synth_batch), mesh
-        self.masks = sample_masks(use_in, int(batch_size), self.synth_batch)
-        self.pool = ()
+    batch_size: int
+    synth_batch: int
+    use_in: str
+    mesh: Any
 
-    def materialise(self, pool, batch, aug_key, synth_key):
-        del pool, aug_key, synth_key  # augmented on the host
+    @property
+    def maker(self):
+        return self
+
+    @property
+    def pool(self):
+        return ()
+
+    def step_args(self) -> dict[str, np.ndarray]:
+        return _synth_args(0, 1)
+
+    def materialise(self, pool, batch, aug_key, synth_key, stream_args):
+        del pool, aug_key, synth_key, stream_args  # augmented on the host
         x, y = batch["real_image"], batch["real_label"]
         if self.synth_batch > 0:
             x = jnp.concatenate([x, batch["synth_image"]])
             y = jnp.concatenate([y, batch["synth_label"]])
         x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(self.mesh))
+        cls, dist = sample_masks(self.use_in, self.batch_size, self.synth_batch)
         return {"image": x.astype(jnp.float32) / 255.0, "label": y,
-                "cls_mask": jnp.asarray(self.masks[0]), "dist_mask": jnp.asarray(self.masks[1])}
+                "cls_mask": jnp.asarray(cls), "dist_mask": jnp.asarray(dist)}
 
 
-class HostStream(DecodedBatches):
-    """ImageNet-size training stream (see the module docstring)."""
+class HostStream:
+    """ImageNet-size training stream (see the module docstring); ``synth_bounds`` are the task's
+    synthetic rows of the pool (default: all of them)."""
+
+    pool = ()
 
     def __init__(self, pool: TaskPool, indices: np.ndarray, *, batch_size: int, synth_batch: int,
-                 use_in: str, seed: int, mesh, pipeline: dict[str, Any]):
+                 use_in: str, seed: int, mesh, pipeline: dict[str, Any],
+                 synth_bounds: tuple[int, int] | None = None):
         from sdcil_jax.data.host_pipeline import HostPipeline
 
-        super().__init__(batch_size=batch_size, synth_batch=synth_batch, use_in=use_in, mesh=mesh)
+        self.maker = DecodedBatches(int(batch_size), int(synth_batch), use_in, mesh)
+        self.synth_batch = self.maker.synth_batch
+        lo, hi = synth_bounds or (pool.synth_lo, pool.synth_hi)
         if len(indices) < batch_size:  # the host pipeline drops a partial last batch
             raise ConfigError(
                 f"A training stage has {len(indices)} images, fewer than train.batch_size="
@@ -152,10 +210,16 @@ class HostStream(DecodedBatches):
                                  train=True, seed=seed, mesh=mesh, **pipeline)
         self.synth = None
         if self.synth_batch > 0:
-            self.synth = HostPipeline(pool.source, np.arange(pool.synth_lo, pool.synth_hi),
+            self.synth = HostPipeline(pool.source, np.arange(lo, hi),
                                       batch_size=self.synth_batch, train=True, seed=seed + 1,
                                       mesh=mesh, **pipeline)
         self.steps_per_epoch = self.real.steps_per_epoch
+
+    def step_args(self) -> dict[str, np.ndarray]:
+        return self.maker.step_args()
+
+    def materialise(self, pool, batch, aug_key, synth_key, stream_args):
+        return self.maker.materialise(pool, batch, aug_key, synth_key, stream_args)
 
     def state(self, epoch: int, step: int) -> dict[str, Any]:
         """The pipelines' checkpointable states (grain's iterator position included) after the
@@ -210,19 +274,22 @@ def host_pipeline_options(config) -> dict[str, Any]:
 
 
 def train_stream(config, pool: TaskPool, indices: np.ndarray, *, task: int, finetune: bool,
-                 synth_batch: int, mesh):
-    """The training stream of one stage (``finetune`` or not) of ``task`` over pool ``indices``."""
+                 synth_batch: int, mesh, synth_bounds: tuple[int, int] | None = None,
+                 device_pool=None):
+    """The training stream of one stage (``finetune`` or not) of ``task`` over pool ``indices``
+    (``synth_bounds``: the task's synthetic rows; ``device_pool``: the pool already on the mesh)."""
     c = config
     if pool.images is not None:
         augment = dict(crop_padding=c.train.crop_padding, flip=c.train.flip,
                        brightness=c.train.brightness)
         return DeviceStream(pool, indices, batch_size=c.train.batch_size, synth_batch=synth_batch,
                             use_in=c.synthetic.use_in, seed=c.seed + (7919 if finetune else 0),
-                            task=task, mesh=mesh, augment=augment)
+                            task=task, mesh=mesh, augment=augment, device_pool=device_pool,
+                            synth_bounds=synth_bounds)
     seed = int(np.random.default_rng([c.seed, task, int(finetune)]).integers(2**31))
     return HostStream(pool, indices, batch_size=c.train.batch_size, synth_batch=synth_batch,
                       use_in=c.synthetic.use_in, seed=seed, mesh=mesh,
-                      pipeline=host_pipeline_options(c))
+                      pipeline=host_pipeline_options(c), synth_bounds=synth_bounds)
 
 
 def eval_batches(config, items: TaskPool, indices: np.ndarray, mesh) -> Iterator[tuple[Any, int]]:

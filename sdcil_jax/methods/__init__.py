@@ -11,8 +11,9 @@ from sdcil_jax.methods.podnet import PODNet
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Finetune, Joint, Replay, ICaRL, PODNet)}
 
 
-def get_method(config, info: TaskInfo) -> Method:
-    """Instantiate the configured method for one task."""
+def get_method(config, info: TaskInfo | None = None) -> Method:
+    """Instantiate the configured method: for a whole run (``info=None``: the traced hooks get each
+    task's ``args``), or for one task (``info``: its ``task_args`` are the default ``args``)."""
     try:
         cls = REGISTRY[config.method.name]
     except KeyError:

@@ -10,31 +10,41 @@ cross-entropy through the second (synthetic) batch. None of these has a distilla
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 from sdcil_jax import losses
-from sdcil_jax.methods.base import Method
+from sdcil_jax.methods.base import Method, live_classes, masked_accuracy
 from sdcil_jax.models import heads
 
 
 class CrossEntropyMethod(Method):
-    """Cross-entropy over all seen classes: L = mean_i cls_mask_i * CE(logits_i, y_i)."""
+    """Cross-entropy over the seen classes: L = mean_i cls_mask_i * CE(logits_i, y_i), the softmax
+    over the live columns of a linear head allocated for every class (the dead ones frozen)."""
 
     def init_head(self, key, feat_dim, num_classes):
         return heads.linear_init(key, feat_dim, num_classes)
 
-    def grow_head(self, head, key, num_new, new_class_feats=None):
-        return heads.linear_grow(head, key, num_new)
+    def pad_head(self, head, num_classes):
+        return heads.linear_pad(head, num_classes)
+
+    def grow_head(self, head, key, info, new_class_feats=None):
+        fresh = heads.linear_init(key, np.shape(head["w"])[0], info.num_new)
+        return heads.linear_write(head, info.num_old, fresh)
 
     def head_apply(self, head, feats):
         return heads.linear_apply(head, feats)
 
-    def loss(self, params, out, old_out, labels, cls_mask, dist_mask):
-        ce = losses.cross_entropy(out["logits"], labels, cls_mask)
-        acc = jnp.sum((jnp.argmax(out["logits"], -1) == labels) * cls_mask) / jnp.maximum(
-            jnp.sum(cls_mask), 1.0)
-        return ce, {"ce": ce, "train_acc": acc}
+    def loss(self, params, out, old_out, labels, cls_mask, dist_mask, args=None):
+        args = self._args(args)
+        logits = out["logits"]
+        ce = losses.cross_entropy(logits, labels, cls_mask, live=live_classes(logits.shape[1], args))
+        return ce, {"ce": ce, "train_acc": masked_accuracy(logits, labels, cls_mask, args)}
+
+    def transform_updates(self, updates, args=None):
+        """Every seen class trains; the dead columns are frozen."""
+        args = self._args(args)
+        mask = heads.trainable_mask_linear(updates["head"]["b"].shape[0], 0, args["num_seen"])
+        return dict(updates, head=heads.mask_updates(updates["head"], mask))
 
 
 class Finetune(CrossEntropyMethod):

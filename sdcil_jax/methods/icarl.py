@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sdcil_jax.methods.base import Method
+from sdcil_jax.methods.base import Method, masked_accuracy
 from sdcil_jax.methods.cross_entropy import CrossEntropyMethod
 
 
@@ -32,28 +32,31 @@ class ICaRL(CrossEntropyMethod):
     needs_old_model = True
     has_distillation = True
 
-    def loss(self, params, out, old_out, labels, cls_mask, dist_mask):
+    def loss(self, params, out, old_out, labels, cls_mask, dist_mask, args=None):
+        """The head has a column for every class; only the ``n = num_seen`` live ones enter the
+        sum (dead columns weigh 0), and ``o = num_old`` is traced."""
+        args = self._args(args)
         logits = out["logits"]
-        n = logits.shape[1]
-        o = self.info.num_old
-        onehot = jax.nn.one_hot(labels, n)
-        col = jnp.arange(n)[None, :]
+        n_cols = logits.shape[1]
+        n = args["num_seen"].astype(jnp.float32)
+        o = args["num_old"]
+        onehot = jax.nn.one_hot(labels, n_cols)
+        col = jnp.arange(n_cols)[None, :]
+        live = col < args["num_seen"]
         is_old_col = col < o
         targets = onehot
         weights = jnp.broadcast_to(cls_mask[:, None], logits.shape)
-        if old_out is not None and o > 0:
-            old_t = jax.nn.sigmoid(old_out["logits"][:, :o])
-            old_t = jnp.pad(old_t, ((0, 0), (0, n - o)))
+        if old_out is not None:
+            old_t = jnp.where(is_old_col, jax.nn.sigmoid(old_out["logits"]), 0.0)
             use_kd = is_old_col & (dist_mask[:, None] > 0)
             targets = jnp.where(use_kd, old_t, onehot)
             old_w = jnp.maximum(dist_mask, cls_mask)[:, None]
             weights = jnp.where(is_old_col, old_w, cls_mask[:, None])
-        per_sample = jnp.sum(weights * _bce_terms(logits, targets), axis=1) / n
+        terms = jnp.where(live, weights * _bce_terms(logits, targets), 0.0)
+        per_sample = jnp.sum(terms, axis=1) / n
         denom = jnp.maximum(jnp.sum(jnp.maximum(cls_mask, dist_mask)), 1.0)
         loss = jnp.sum(per_sample) / denom
-        acc = jnp.sum((jnp.argmax(logits, -1) == labels) * cls_mask) / jnp.maximum(
-            jnp.sum(cls_mask), 1.0)
-        return loss, {"bce": loss, "train_acc": acc}
+        return loss, {"bce": loss, "train_acc": masked_accuracy(logits, labels, cls_mask, args)}
 
 
 __all__ = ["ICaRL", "Method"]

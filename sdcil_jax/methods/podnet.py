@@ -12,15 +12,18 @@ the normalised features of their training images, the centres scaled to the mean
 proxies; after training, the proxies (not the learned scale) are finetuned on a class-balanced set
 (the memory, with the new classes under-sampled to the memory size) at a constant learning rate,
 with batch norm in train mode (see ``sdcil_jax.train.finetune_update``).
+
+The head holds the proxies of every class of the protocol; ``n``, the old/new boundary and the two
+factors ``lambda * sqrt(n / k)`` are traced arguments (:meth:`PODNet.task_args`), and the classes
+not seen yet are masked out of the NCA (row max and denominator) and frozen.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 from sdcil_jax import losses
-from sdcil_jax.methods.base import Method
+from sdcil_jax.methods.base import Method, TaskInfo, live_classes, masked_accuracy
 from sdcil_jax.models import heads
 
 
@@ -35,41 +38,52 @@ class PODNet(Method):
     def k(self) -> int:
         return self.config.method.proxies_per_class
 
+    def task_args(self, info: TaskInfo | None = None):
+        """``num_old``, ``num_seen`` and the float32 factors ``pod_flat`` / ``pod_spatial`` =
+        ``lambda * sqrt(n / k)`` (0 in the first task, which has no old model)."""
+        info = info or self.info
+        args = super().task_args(info)
+        m = self.config.method
+        for name, base in (("pod_flat", m.pod_flat), ("pod_spatial", m.pod_spatial)):
+            factor = (losses.distillation_factor(base, info.num_seen, info.num_new)
+                      if info.num_old else 0.0)
+            args[name] = np.asarray(factor, np.float32)
+        return args
+
     def init_head(self, key, feat_dim, num_classes):
         return heads.lsc_init(key, feat_dim, num_classes, self.k)
 
-    def grow_head(self, head, key, num_new, new_class_feats=None):
+    def pad_head(self, head, num_classes):
+        return heads.lsc_pad(head, num_classes, self.k)
+
+    def grow_head(self, head, key, info, new_class_feats=None):
         if new_class_feats is None:
-            fresh = heads.lsc_init(key, head["proxies"].shape[1], num_new, self.k)["proxies"]
+            fresh = heads.lsc_init(key, head["proxies"].shape[1], info.num_new, self.k)["proxies"]
         else:
-            norm = float(np.mean(np.linalg.norm(np.asarray(head["proxies"]), axis=1)))
-            fresh = jnp.asarray(heads.kmeans_imprint(new_class_feats, self.k,
-                                                     seed=self.config.seed + self.info.task,
-                                                     target_norm=norm))
-        return heads.lsc_grow(head, fresh)
+            norm = heads.lsc_live_norm(head, info.num_old, self.k)
+            fresh = heads.kmeans_imprint(new_class_feats, self.k, seed=self.config.seed + info.task,
+                                         target_norm=norm)
+        return heads.lsc_write(head, info.num_old * self.k, fresh)
 
     def head_apply(self, head, feats):
         return heads.lsc_apply(head, feats, self.k)
 
-    def classification_loss(self, head, scores, labels, mask):
+    def classification_loss(self, head, scores, labels, mask, args):
         return losses.nca(scores, labels, scale=heads.lsc_scale(head),
-                          margin=self.config.method.nca_margin, mask=mask)
+                          margin=self.config.method.nca_margin, mask=mask,
+                          live=live_classes(scores.shape[1], args))
 
-    def loss(self, params, out, old_out, labels, cls_mask, dist_mask):
-        cls = self.classification_loss(params["head"], out["logits"], labels, cls_mask)
+    def loss(self, params, out, old_out, labels, cls_mask, dist_mask, args=None):
+        args = self._args(args)
+        cls = self.classification_loss(params["head"], out["logits"], labels, cls_mask, args)
         metrics = {"nca": cls}
         total = cls
-        if old_out is not None and self.info.task > 0:
-            seen, new = self.info.num_seen, self.info.num_new
-            m = self.config.method
+        if old_out is not None:
             flat = losses.pod_flat(old_out["features"], out["features"], dist_mask)
             spatial = losses.pod_spatial(old_out["maps"], out["maps"], dist_mask)
-            total = (total + losses.distillation_factor(m.pod_flat, seen, new) * flat
-                     + losses.distillation_factor(m.pod_spatial, seen, new) * spatial)
+            total = total + args["pod_flat"] * flat + args["pod_spatial"] * spatial
             metrics.update(pod_flat=flat, pod_spatial=spatial)
-        acc = jnp.sum((jnp.argmax(out["logits"], -1) == labels) * cls_mask) / jnp.maximum(
-            jnp.sum(cls_mask), 1.0)
-        metrics["train_acc"] = acc
+        metrics["train_acc"] = masked_accuracy(out["logits"], labels, cls_mask, args)
         return total, metrics
 
     def transform_grads(self, grads):
@@ -77,21 +91,25 @@ class PODNet(Method):
             grads = losses.clip_gradients(grads, self.config.method.grad_clip)
         return grads
 
-    def transform_updates(self, updates):
-        if self.info.num_old == 0:
-            return updates
-        mask = heads.frozen_mask_lsc(self.info.num_old, self.info.num_seen, self.k)
+    def transform_updates(self, updates, args=None):
+        """Only the new classes' proxies (and the learned scale) move: old and dead rows frozen."""
+        args = self._args(args)
+        n_total = updates["head"]["proxies"].shape[0] // self.k
+        mask = heads.trainable_mask_lsc(n_total, args["num_old"], args["num_seen"], self.k)
         return dict(updates, head=heads.mask_updates(updates["head"], mask))
 
-    def finetune_epochs(self) -> int:
-        return self.config.method.finetune_epochs if self.info.task > 0 else 0
+    def finetune_epochs(self, info=None) -> int:
+        info = info or self.info
+        return self.config.method.finetune_epochs if info.task > 0 else 0
 
-    def finetune_loss(self, head, scores, labels, mask):
-        return self.classification_loss(head, scores, labels, mask)
+    def finetune_loss(self, head, scores, labels, mask, args=None):
+        return self.classification_loss(head, scores, labels, mask, self._args(args))
 
-    def finetune_update_mask(self, head_updates):
-        """Every proxy is finetuned; the learned scale is not (not in the official optimizer)."""
-        return {"proxies": jnp.ones((), jnp.float32), "scale": jnp.zeros((), jnp.float32)}
+    def finetune_update_mask(self, head_updates, args=None):
+        """Every live proxy is finetuned; the learned scale is not (not in the official optimizer)."""
+        args = self._args(args)
+        n_total = head_updates["proxies"].shape[0] // self.k
+        return heads.trainable_mask_lsc(n_total, 0, args["num_seen"], self.k, scale=0.0)
 
     def real_indices(self, new_idx, memory_idx, seen_idx):
         return np.concatenate([new_idx, memory_idx])

@@ -1,6 +1,6 @@
-"""Classifier heads as plain pytrees of arrays, so they can grow between tasks.
+"""Classifier heads as plain pytrees of arrays, allocated for every class of the protocol.
 
-Two heads, each a set of pure functions (init / grow / apply / frozen mask):
+Two heads, each a set of pure functions (init / pad / write / apply / trainable mask):
 
 * Linear: ``{"w": (D, C), "b": (C,)}``, ``logits = feats @ w + b``.
 * LSC, PODNet's local similarity classifier (``CosineClassifier`` with ``proxy_per_class=K``,
@@ -10,10 +10,16 @@ Two heads, each a set of pure functions (init / grow / apply / frozen mask):
   post-processor, initial value 1.0) is not applied by :func:`lsc_apply`; the loss multiplies the
   raw scores by :func:`lsc_scale`.
 
-Old classes are frozen with a mask pytree (1 = trainable, 0 = frozen, same structure as the
-params, broadcastable leaves). Multiply the final optimizer *updates* by it (:func:`mask_updates`),
-not only the gradients, so momentum and weight decay do not move frozen rows either (PODNet gives
-the old proxies learning rate 0 via ``groupwise_factors.old_weights: 0``).
+A run allocates the head for all its classes in the first task (:func:`linear_pad`,
+:func:`lsc_pad`) and writes each task's new classes into their rows in place (:func:`linear_write`,
+:func:`lsc_write`), so the head's shape, and with it every compiled program, never changes. Rows of
+classes not seen yet are *dead*: the losses mask them out and the trainable mask freezes them.
+
+Frozen rows (old classes, dead classes) are set with a mask pytree (1 = trainable, 0 = frozen, same
+structure as the params, broadcastable leaves) applied to the final optimizer *updates*
+(:func:`mask_updates`), not only the gradients, so momentum and weight decay do not move frozen rows
+either (PODNet gives the old proxies learning rate 0 via ``groupwise_factors.old_weights: 0``). The
+masks take their class bounds as traced integers.
 """
 
 from __future__ import annotations
@@ -58,17 +64,30 @@ def linear_init(key: Array, feat_dim: int, n_classes: int) -> Params:
     return {"w": _normal(key, n_classes, feat_dim).T, "b": jnp.zeros((n_classes,), jnp.float32)}
 
 
-def linear_grow(params: Params, key: Array, n_new: int) -> Params:
-    """Appends ``n_new`` freshly initialised classes; the old columns are unchanged.
+def linear_pad(params: Params, n_total: int) -> Params:
+    """``params`` (C classes) with ``n_total - C`` dead columns of zeros appended (numpy).
 
     Returns:
-      ``{"w": (D, C + n_new), "b": (C + n_new,)}``.
+      ``{"w": (D, n_total), "b": (n_total,)}`` float32 numpy arrays.
     """
-    new = linear_init(key, params["w"].shape[0], n_new)
-    return {
-        "w": jnp.concatenate([params["w"], new["w"]], axis=1),
-        "b": jnp.concatenate([params["b"], new["b"]], axis=0),
-    }
+    w, b = np.asarray(params["w"], np.float32), np.asarray(params["b"], np.float32)
+    extra = n_total - w.shape[1]
+    return {"w": np.pad(w, ((0, 0), (0, extra))), "b": np.pad(b, (0, extra))}
+
+
+def linear_write(params: Params, start: int, new: Params) -> Params:
+    """A copy of ``params`` with classes ``start .. start + n - 1`` replaced by ``new`` (numpy).
+
+    Args:
+      params: ``{"w": (D, C), "b": (C,)}`` allocated for every class.
+      start: first class written.
+      new: ``{"w": (D, n), "b": (n,)}`` (e.g. :func:`linear_init` of the new classes).
+    """
+    w, b = np.array(params["w"], np.float32), np.array(params["b"], np.float32)
+    n = np.shape(new["b"])[0]
+    w[:, start:start + n] = np.asarray(new["w"])
+    b[start:start + n] = np.asarray(new["b"])
+    return {"w": w, "b": b}
 
 
 def linear_apply(params: Params, feats: Array) -> Array:
@@ -76,9 +95,13 @@ def linear_apply(params: Params, feats: Array) -> Array:
     return feats @ params["w"] + params["b"]
 
 
-def frozen_mask_linear(n_old_classes: int, n_total: int) -> Params:
-    """Mask freezing the first ``n_old_classes``: ``{"w": (1, C), "b": (C,)}``, 0 = frozen."""
-    m = (jnp.arange(n_total) >= n_old_classes).astype(jnp.float32)
+def trainable_mask_linear(n_total: int, lo: Array, hi: Array) -> Params:
+    """Mask training classes ``lo <= c < hi`` only: ``{"w": (1, C), "b": (C,)}``, 0 = frozen.
+
+    ``lo``/``hi`` may be traced ints (e.g. ``0, num_seen`` for a plain cross-entropy task).
+    """
+    c = jnp.arange(n_total)
+    m = ((c >= lo) & (c < hi)).astype(jnp.float32)
     return {"w": m[None, :], "b": m}
 
 
@@ -97,14 +120,36 @@ def lsc_init(key: Array, feat_dim: int, n_classes: int, proxies_per_class: int) 
     }
 
 
-def lsc_grow(params: Params, new_proxies: Array) -> Params:
-    """Appends ``new_proxies`` (n_new * K, D) after the old rows; old rows and scale unchanged."""
-    return {
-        "proxies": jnp.concatenate(
-            [params["proxies"], jnp.asarray(new_proxies, params["proxies"].dtype)], axis=0
-        ),
-        "scale": params["scale"],
-    }
+def lsc_pad(params: Params, n_total: int, proxies_per_class: int) -> Params:
+    """``params`` with dead proxy rows appended up to ``n_total`` classes (numpy).
+
+    The dead rows hold ``1/sqrt(D)`` (not zeros: the gradient of a zero row's L2 normalisation is
+    NaN, and a NaN times a frozen mask is still NaN).
+
+    Returns:
+      ``{"proxies": (n_total * K, D), "scale": ()}`` float32 numpy arrays.
+    """
+    proxies = np.asarray(params["proxies"], np.float32)
+    dim = proxies.shape[1]
+    fill = np.full((n_total * proxies_per_class - proxies.shape[0], dim), 1.0 / np.sqrt(dim),
+                   np.float32)
+    return {"proxies": np.concatenate([proxies, fill]),
+            "scale": np.asarray(params["scale"], np.float32)}
+
+
+def lsc_write(params: Params, start_row: int, new_proxies: Array) -> Params:
+    """A copy of ``params`` with proxy rows ``start_row ..`` replaced by ``new_proxies`` (n, D);
+    the other rows and the scale unchanged (numpy)."""
+    proxies = np.array(params["proxies"], np.float32)
+    new = np.asarray(new_proxies, np.float32)
+    proxies[start_row:start_row + len(new)] = new
+    return {"proxies": proxies, "scale": np.asarray(params["scale"], np.float32)}
+
+
+def lsc_live_norm(params: Params, n_classes: int, proxies_per_class: int) -> float:
+    """Mean L2 norm of the proxies of the first ``n_classes`` classes (the live rows)."""
+    live = np.asarray(params["proxies"])[:n_classes * proxies_per_class]
+    return float(np.mean(np.linalg.norm(live, axis=1)))
 
 
 def lsc_scale(params: Params) -> Array:
@@ -150,19 +195,20 @@ def lsc_apply(params: Params, feats: Array, proxies_per_class: int) -> Array:
     return jnp.sum(att * sim_BxCxK, axis=-1)
 
 
-def frozen_mask_lsc(n_old_classes: int, n_total: int, proxies_per_class: int) -> Params:
-    """Mask freezing the old classes' proxies: ``{"proxies": (n_total*K, 1), "scale": ()}``.
-
-    Rows of the first ``n_old_classes`` classes are 0, the new ones 1; the scale stays trainable.
-    """
+def trainable_mask_lsc(n_total: int, lo: Array, hi: Array, proxies_per_class: int,
+                       scale: float = 1.0) -> Params:
+    """Mask training the proxies of classes ``lo <= c < hi`` only: ``{"proxies": (C*K, 1),
+    "scale": ()}`` (0 = frozen); ``scale`` is the learned scale's entry. ``lo``/``hi`` may be
+    traced ints (PODNet's training: ``num_old, num_seen``; its finetuning: ``0, num_seen``)."""
     rows = jnp.arange(n_total * proxies_per_class)
-    m = (rows >= n_old_classes * proxies_per_class).astype(jnp.float32)[:, None]
-    return {"proxies": m, "scale": jnp.asarray(1.0, jnp.float32)}
+    m = ((rows >= lo * proxies_per_class) & (rows < hi * proxies_per_class)).astype(jnp.float32)
+    return {"proxies": m[:, None], "scale": jnp.asarray(scale, jnp.float32)}
 
 
 def mask_updates(updates: Params, mask: Params) -> Params:
-    """``updates * mask`` leaf by leaf (broadcasting), e.g. on ``optimizer.update``'s output."""
-    return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, mask)
+    """``updates`` where ``mask`` is nonzero, else 0, leaf by leaf (broadcasting), e.g. on
+    ``optimizer.update``'s output (a select, so a non-finite update of a frozen row is dropped)."""
+    return jax.tree.map(lambda u, m: jnp.where(m != 0, u, jnp.zeros((), u.dtype)), updates, mask)
 
 
 def kmeans_imprint(
