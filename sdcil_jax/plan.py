@@ -12,7 +12,6 @@ import dataclasses
 
 import numpy as np
 
-from sdcil_jax.data import resolve_pipeline
 from sdcil_jax.methods import TaskInfo, get_method
 
 
@@ -34,10 +33,9 @@ def training_plan(exp) -> list[TaskPlan]:
     counts = np.bincount(sc.relabel(exp.dataset.train.labels[exp.train_idx]).clip(-1) + 1,
                          minlength=sc.num_classes + 1)[1:]
     batch = cfg.train.batch_size
-    host = resolve_pipeline(cfg.dataset) == "host"
 
-    def steps(n: int) -> int:
-        return n // batch if host else max(1, -(-n // batch))
+    def steps(n: int) -> int:  # both pipelines keep an epoch's last partial batch (padded)
+        return max(1, -(-n // batch))
 
     out = []
     for t in range(sc.num_tasks):

@@ -112,11 +112,16 @@ def init_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainSt
 
 
 def forward(backbone: flax.linen.Module, head_apply: Callable, params, batch_stats, images,
-            train: bool):
-    """Backbone + head. Returns (outputs dict with 'maps', 'features', 'logits'; new batch_stats)."""
+            train: bool, valid=None):
+    """Backbone + head. Returns (outputs dict with 'maps', 'features', 'logits'; new batch_stats).
+
+    ``valid`` (train mode): ``(B,)`` rows that enter batch normalisation's statistics (None: all).
+    """
     variables = {"params": params["backbone"], "batch_stats": batch_stats}
     if train:
-        out, mutated = backbone.apply(variables, images, train=True, mutable=["batch_stats"])
+        kwargs = {} if valid is None else {"mask": valid}
+        out, mutated = backbone.apply(variables, images, train=True, mutable=["batch_stats"],
+                                      **kwargs)
         new_stats = mutated["batch_stats"]
     else:
         out = backbone.apply(variables, images, train=False)
@@ -127,7 +132,7 @@ def forward(backbone: flax.linen.Module, head_apply: Callable, params, batch_sta
 
 
 def update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mask, dist_mask,
-           args=None, lr=None):
+           args=None, lr=None, valid=None):
     """One optimisation step on a prepared batch (pure; traced inside the jitted step).
 
     Forward of the frozen old model (inference mode, no gradient) when the method needs it; forward
@@ -141,6 +146,8 @@ def update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mas
         distillation losses.
       args: the method's traced task arguments (``method.task_args(info)``; None: the method's own).
       lr: the traced learning rate when ``tx`` is :func:`sgd_direction` (None: ``tx`` applies it).
+      valid: (B,) float32, 1 for the rows of the batch (0 for the padding of an epoch's last
+        batch): only they enter the batch statistics; the masks already exclude the padding.
 
     Returns:
       (new state, metrics dict with 'loss' and the method's terms).
@@ -153,7 +160,7 @@ def update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mas
 
     def loss_fn(params):
         out, new_stats = forward(backbone, method.head_apply, params, state.batch_stats,
-                                 images, train=True)
+                                 images, train=True, valid=valid)
         loss, metrics = method.loss(params, out, old_out, y, cls_mask, dist_mask, args)
         return loss, (new_stats, metrics)
 
@@ -169,19 +176,21 @@ def update(backbone, method, tx, state: TrainState, old_vars, images, y, cls_mas
     return new_state, dict(metrics, loss=loss)
 
 
-def finetune_update(backbone, method, tx, state: TrainState, images, y, args=None, lr=None):
+def finetune_update(backbone, method, tx, state: TrainState, images, y, args=None, lr=None,
+                    valid=None):
     """Balanced finetuning, as PODNet's official ``finetuning_config`` (tuning: classifier).
 
     The network runs in train mode: batch norm normalises with the batch statistics and updates its
     running statistics; the backbone weights get no update (``stop_gradient`` on the features) and
     only the leaves that ``method.finetune_update_mask`` marks trainable move (for PODNet: every
     proxy, old and new, but not the learned scale, which the official finetuning optimizer omits).
-    ``args`` and ``lr`` as in :func:`update`.
+    ``args``, ``lr`` and ``valid`` as in :func:`update` (padding rows feed neither the loss nor
+    the batch statistics).
     """
     out, new_stats = forward(backbone, method.head_apply, state.params, state.batch_stats, images,
-                             train=True)
+                             train=True, valid=valid)
     feats = jax.lax.stop_gradient(out["features"])
-    mask = jnp.ones(y.shape, jnp.float32)
+    mask = jnp.ones(y.shape, jnp.float32) if valid is None else valid
 
     def loss_fn(head):
         return method.finetune_loss(head, method.head_apply(head, feats), y, mask, args)
@@ -241,7 +250,7 @@ def make_train_step(backbone, method, tx: optax.GradientTransformation, batches,
         b = batches.materialise(pool, batch, aug_key, synth_key, args["stream"])
         return update(backbone, method, tx, state, old_vars, (b["image"] - mean) / std,
                       b["label"], b["cls_mask"], b["dist_mask"], args["method"],
-                      _step_lr(lr_kind, state, args))
+                      _step_lr(lr_kind, state, args), b["valid"])
 
     return step
 
@@ -257,7 +266,7 @@ def make_finetune_step(backbone, method, tx: optax.GradientTransformation, batch
         b = batches.materialise(pool, batch, jax.random.fold_in(task_key, state.step), None,
                                 args["stream"])
         return finetune_update(backbone, method, tx, state, (b["image"] - mean) / std, b["label"],
-                               args["method"], _step_lr(lr_kind, state, args))
+                               args["method"], _step_lr(lr_kind, state, args), b["valid"])
 
     return step
 

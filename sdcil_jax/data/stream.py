@@ -41,7 +41,6 @@ import numpy as np
 from sdcil_jax import augment as aug_lib
 from sdcil_jax import parallel
 from sdcil_jax.data.pool import TaskPool
-from sdcil_jax.errors import ConfigError
 
 USES = {"none": (False, False), "distillation": (False, True), "classification": (True, False),
         "both": (True, True)}
@@ -59,16 +58,38 @@ def sample_masks(use_in: str, n_real: int, n_synth: int) -> tuple[np.ndarray, np
     return cls, dist
 
 
-def epoch_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """A shuffled epoch as (steps, batch_size) indices; the last batch wraps around the permutation.
+def epoch_batches(indices: np.ndarray, batch_size: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A shuffled epoch as ``(order, valid)``, both (steps, batch_size), steps = ceil(n / B).
 
-    steps = ceil(len(indices) / batch_size); every index appears at least once per epoch.
+    Every index appears exactly once per epoch, as in the official ``DataLoader``: the last batch
+    holds the remaining ``n - (steps - 1) B`` samples, padded to ``B`` with rows whose ``valid`` is
+    0 (they repeat the epoch's first index, so a gather stays in range, and are masked out of the
+    losses, the accuracy and the batch statistics).
     """
-    perm = indices[rng.permutation(len(indices))]
+    perm = np.asarray(indices)[rng.permutation(len(indices))]
     steps = max(1, -(-len(perm) // batch_size))
     need = steps * batch_size
-    reps = -(-need // len(perm))
-    return np.tile(perm, reps)[:need].reshape(steps, batch_size)
+    fill = perm[:1] if len(perm) else np.zeros((1,), np.asarray(indices).dtype)
+    order = np.concatenate([perm, np.repeat(fill, need - len(perm))])
+    valid = (np.arange(need) < len(perm)).astype(np.float32)
+    return order.reshape(steps, batch_size), valid.reshape(steps, batch_size)
+
+
+def _with_synthetic(real_valid, synth_batch: int):
+    """``(B + S,)`` float32: the real rows' validity, then 1 for each synthetic row."""
+    real_valid = jnp.asarray(real_valid, jnp.float32)
+    if synth_batch == 0:
+        return real_valid
+    return jnp.concatenate([real_valid, jnp.ones((synth_batch,), jnp.float32)])
+
+
+def _masks(use_in: str, batch_size: int, synth_batch: int, valid) -> dict[str, jax.Array]:
+    """The step's per-sample masks: :func:`sample_masks` times ``valid`` (padding rows feed no
+    loss), and ``valid`` itself (the rows that enter batch normalisation's statistics)."""
+    cls, dist = sample_masks(use_in, batch_size, synth_batch)
+    return {"cls_mask": jnp.asarray(cls) * valid, "dist_mask": jnp.asarray(dist) * valid,
+            "valid": valid}
 
 
 def _synth_args(lo: int, hi: int) -> dict[str, np.ndarray]:
@@ -92,6 +113,7 @@ class DeviceBatches:
         pool_x, pool_y = pool
         idx = batch["index"]
         x, y = pool_x[idx], pool_y[idx]
+        valid = _with_synthetic(batch["valid"], self.synth_batch)
         if self.synth_batch > 0:
             lo, hi = stream_args["synth"][0], stream_args["synth"][1]
             s_idx = jax.random.randint(synth_key, (self.synth_batch,), lo, hi)
@@ -99,9 +121,8 @@ class DeviceBatches:
             y = jnp.concatenate([y, pool_y[s_idx]])
         x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(self.mesh))
         images = aug_lib.augment(x.astype(jnp.float32) / 255.0, aug_key, **dict(self.augment))
-        cls, dist = sample_masks(self.use_in, self.batch_size, self.synth_batch)
-        return {"image": images, "label": y, "cls_mask": jnp.asarray(cls),
-                "dist_mask": jnp.asarray(dist)}
+        return {"image": images, "label": y, **_masks(self.use_in, self.batch_size,
+                                                       self.synth_batch, valid)}
 
 
 class DeviceStream:
@@ -132,10 +153,11 @@ class DeviceStream:
     def batches(self, epoch: int, step: int, num_epochs: int) -> Iterator[tuple[int, int, Any]]:
         sharding = parallel.batch_sharded(self.mesh)
         for e in range(epoch, epoch + num_epochs):
-            order = epoch_batches(self.indices, self.batch_size,
-                                  np.random.default_rng([self.seed, self.task, e]))
+            order, valid = epoch_batches(self.indices, self.batch_size,
+                                         np.random.default_rng([self.seed, self.task, e]))
             for s in range(step if e == epoch else 0, len(order)):
-                yield e, s, {"index": parallel.put_global(order[s].astype(np.int32), sharding)}
+                yield e, s, {"index": parallel.put_global(order[s].astype(np.int32), sharding),
+                             "valid": parallel.put_global(valid[s], sharding)}
 
     def state(self, epoch: int, step: int) -> dict[str, Any]:
         """Where the stream stands before ``(epoch, step)``: its batches are a function of it."""
@@ -178,13 +200,16 @@ class DecodedBatches:
     def materialise(self, pool, batch, aug_key, synth_key, stream_args):
         del pool, aug_key, synth_key, stream_args  # augmented on the host
         x, y = batch["real_image"], batch["real_label"]
+        real_valid = batch.get("real_valid")
+        if real_valid is None:  # every row real (a benchmark's batches)
+            real_valid = jnp.ones((self.batch_size,), jnp.float32)
+        valid = _with_synthetic(real_valid, self.synth_batch)
         if self.synth_batch > 0:
             x = jnp.concatenate([x, batch["synth_image"]])
             y = jnp.concatenate([y, batch["synth_label"]])
         x = jax.lax.with_sharding_constraint(x, parallel.batch_sharded(self.mesh))
-        cls, dist = sample_masks(self.use_in, self.batch_size, self.synth_batch)
         return {"image": x.astype(jnp.float32) / 255.0, "label": y,
-                "cls_mask": jnp.asarray(cls), "dist_mask": jnp.asarray(dist)}
+                **_masks(self.use_in, self.batch_size, self.synth_batch, valid)}
 
 
 class HostStream:
@@ -201,13 +226,10 @@ class HostStream:
         self.maker = DecodedBatches(int(batch_size), int(synth_batch), use_in, mesh)
         self.synth_batch = self.maker.synth_batch
         lo, hi = synth_bounds or (pool.synth_lo, pool.synth_hi)
-        if len(indices) < batch_size:  # the host pipeline drops a partial last batch
-            raise ConfigError(
-                f"A training stage has {len(indices)} images, fewer than train.batch_size="
-                f"{batch_size}, so the host pipeline makes no full batch; lower train.batch_size "
-                "(or raise memory.per_class for the balanced finetuning).")
+        # the last partial batch is kept, padded and masked (every image once per epoch)
         self.real = HostPipeline(pool.source, np.asarray(indices), batch_size=batch_size,
-                                 train=True, seed=seed, mesh=mesh, **pipeline)
+                                 train=True, seed=seed, mesh=mesh, drop_remainder=False,
+                                 **pipeline)
         self.synth = None
         if self.synth_batch > 0:
             self.synth = HostPipeline(pool.source, np.arange(lo, hi),
@@ -247,7 +269,8 @@ class HostStream:
         e, s = epoch, step
         try:
             for real in real_it:
-                batch = {"real_image": real.images, "real_label": real.labels}
+                batch = {"real_image": real.images, "real_label": real.labels,
+                         "real_valid": real.mask}
                 if synth_it is not None:
                     synth = next(synth_it)
                     batch.update(synth_image=synth.images, synth_label=synth.labels)

@@ -9,7 +9,12 @@ hence the official PODNet code) uses the *unbiased* one. For channels-last input
     running_mean <- (1 - momentum) * running_mean + momentum * mu
     running_var  <- (1 - momentum) * running_var  + momentum * v * n / (n - 1)
 
-and in inference mode ``y = (x - running_mean) / sqrt(running_var + eps) * scale + bias``. Defaults
+and in inference mode ``y = (x - running_mean) / sqrt(running_var + eps) * scale + bias``.
+
+With a row ``mask`` (``(B,)``, 1 for the rows that count: the real samples of an epoch's padded
+last batch) the statistics are those of the masked rows alone, as torch computes them on the short
+batch: ``n = sum(mask) * H * W``, ``mu = sum_rows(mask x) / n``, ``v = sum_rows(mask (x - mu)^2) / n``;
+every row, padded ones included, is normalised with them. Defaults
 are torch's: ``momentum = 0.1`` (torch's convention, i.e. flax momentum 0.9), ``eps = 1e-5``.
 
 Under ``jax.jit`` with the batch sharded over a mesh, the means are over the *global* batch (XLA
@@ -47,7 +52,7 @@ class BatchNorm(nn.Module):
     scale_init: Callable[..., jax.Array] = nn.initializers.ones
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         channels = x.shape[-1]
         scale = self.param("scale", self.scale_init, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
@@ -58,13 +63,24 @@ class BatchNorm(nn.Module):
         else:
             axes = tuple(range(x.ndim - 1))
             xf = x.astype(jnp.float32)
-            mean = jnp.mean(xf, axis=axes)
-            var = jnp.mean(jnp.square(xf - mean), axis=axes)
-            if not self.is_initializing():
+            if mask is None:
                 n = 1
                 for size in x.shape[:-1]:
                     n *= size
-                unbiased = var * (n / max(n - 1, 1))
+                mean = jnp.mean(xf, axis=axes)
+                var = jnp.mean(jnp.square(xf - mean), axis=axes)
+                correction = n / max(n - 1, 1)
+            else:
+                w = jnp.asarray(mask, jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+                per_row = 1
+                for size in x.shape[1:-1]:
+                    per_row *= size
+                n = jnp.sum(w) * per_row
+                mean = jnp.sum(xf * w, axis=axes) / n
+                var = jnp.sum(jnp.square(xf - mean) * w, axis=axes) / n
+                correction = n / jnp.maximum(n - 1, 1)
+            if not self.is_initializing():
+                unbiased = var * correction
                 m = self.momentum
                 running_mean.value = (1.0 - m) * running_mean.value + m * mean
                 running_var.value = (1.0 - m) * running_var.value + m * unbiased

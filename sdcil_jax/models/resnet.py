@@ -93,14 +93,14 @@ class CifarBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, mask: Array | None = None) -> Array:
         in_ch = x.shape[-1]
         planes = 2 * in_ch if self.downsample else in_ch
         stride = 2 if self.downsample else 1
         y = _conv(planes, 3, stride, self.dtype, "conv_a")(x)
-        y = nn.relu(_bn(train, self.dtype, "bn_a")(y))
+        y = nn.relu(_bn(train, self.dtype, "bn_a")(y, mask))
         y = _conv(planes, 3, 1, self.dtype, "conv_b")(y)
-        y = _bn(train, self.dtype, "bn_b", zero_scale=True)(y)
+        y = _bn(train, self.dtype, "bn_b", zero_scale=True)(y, mask)
         if self.downsample:
             x = x[:, ::2, ::2, :]
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, planes - in_ch)))
@@ -121,7 +121,8 @@ class CifarResNet(nn.Module):
         maps stay pre-ReLU, as in the official code). False = PODNet default.
       dtype: computation dtype (parameters stay float32).
 
-    ``__call__(x (B, H, W, 3), train)`` returns ``maps`` = [(B,H,W,w), (B,H/2,W/2,2w),
+    ``__call__(x (B, H, W, 3), train, mask=None)`` (``mask``: (B,) rows that enter the batch
+    statistics, see batchnorm.py) returns ``maps`` = [(B,H,W,w), (B,H/2,W/2,2w),
     (B,H/4,W/4,4w), (B,H/4,W/4,4w)] and ``features``/``relu_features`` (B, 4w).
     """
 
@@ -135,9 +136,9 @@ class CifarResNet(nn.Module):
         return 4 * self.width
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> dict[str, Any]:
+    def __call__(self, x: Array, train: bool, mask: Array | None = None) -> dict[str, Any]:
         x = _conv(self.width, 3, 1, self.dtype, "stem_conv")(x)
-        x = nn.relu(_bn(train, self.dtype, "stem_bn")(x))
+        x = nn.relu(_bn(train, self.dtype, "stem_bn")(x, mask))
         # (first block down-samples?, number of blocks) per stage 1..3.
         stages = [(False, self.n), (True, self.n), (True, 1 + max(self.n - 2, 0))]
         maps = []
@@ -148,10 +149,10 @@ class CifarResNet(nn.Module):
                     dtype=self.dtype,
                     name=f"stage{s}_block{i}",
                 )
-                y = block(x, train)
+                y = block(x, train, mask)
                 x = nn.relu(y) if self.last_relu else y
             maps.append(y)
-        y = CifarBlock(dtype=self.dtype, name="stage4_block0")(x, train)
+        y = CifarBlock(dtype=self.dtype, name="stage4_block0")(x, train, mask)
         maps.append(y)
         return _outputs(maps)
 
@@ -172,14 +173,14 @@ class BasicBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, mask: Array | None = None) -> Array:
         y = _conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
-        y = nn.relu(_bn(train, self.dtype, "bn1")(y))
+        y = nn.relu(_bn(train, self.dtype, "bn1")(y, mask))
         y = _conv(self.planes, 3, 1, self.dtype, "conv2")(y)
-        y = _bn(train, self.dtype, "bn2", zero_scale=True)(y)
+        y = _bn(train, self.dtype, "bn2", zero_scale=True)(y, mask)
         if self.projection:
             x = _conv(self.planes, 1, self.stride, self.dtype, "proj_conv")(x)
-            x = _bn(train, self.dtype, "proj_bn")(x)
+            x = _bn(train, self.dtype, "proj_bn")(x, mask)
         y = x + y
         return nn.relu(y) if self.relu_out else y
 
@@ -209,12 +210,12 @@ class ResNet18(nn.Module):
         return 8 * self.width
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> dict[str, Any]:
+    def __call__(self, x: Array, train: bool, mask: Array | None = None) -> dict[str, Any]:
         if self.stem not in STEMS:
             raise ValueError(f"Unknown ResNet-18 stem {self.stem!r}; use one of {sorted(STEMS)}.")
         k, s = STEMS[self.stem]
         x = _conv(self.width, k, s, self.dtype, "stem_conv")(x)
-        x = nn.relu(_bn(train, self.dtype, "stem_bn")(x))
+        x = nn.relu(_bn(train, self.dtype, "stem_bn")(x, mask))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         maps = []
         for st in range(4):
@@ -228,7 +229,7 @@ class ResNet18(nn.Module):
                     relu_out=i == 0,
                     dtype=self.dtype,
                     name=f"stage{st + 1}_block{i}",
-                )(x, train)
+                )(x, train, mask)
             maps.append(x)
             if self.last_relu and st < 3:
                 x = nn.relu(x)
