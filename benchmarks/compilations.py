@@ -57,6 +57,7 @@ def _config(args):
     config.dataset.holdout_per_class = args.per_class
     config.generation.per_class = args.per_class
     config.synthetic.per_class = args.per_class
+    config.memory.per_class = args.memory
     config.generation.preview_per_class = 0
     if args.tasks:
         config.scenario.max_tasks = args.tasks
@@ -73,6 +74,8 @@ def main() -> None:
                         help="cifar100: mock examples per split (random labels over 100 classes)")
     parser.add_argument("--per-class", type=int, default=2,
                         help="cifar100: held-out real images per class used as the replay pool")
+    parser.add_argument("--memory", type=int, default=20,
+                        help="cifar100: exemplars per class (fewer: shorter tasks, same programs)")
     parser.add_argument("--workdir", default="")
     parser.add_argument("--json", default="", help="also write the numbers to this file")
     args = parser.parse_args()
