@@ -232,7 +232,10 @@ class HostStream:
                                  **pipeline)
         self.synth = None
         if self.synth_batch > 0:
-            self.synth = HostPipeline(pool.source, np.arange(lo, hi),
+            synth_idx = np.arange(lo, hi)
+            if 0 < len(synth_idx) < self.synth_batch:  # a small pool: repeat it to fill a batch
+                synth_idx = np.tile(synth_idx, -(-self.synth_batch // len(synth_idx)))
+            self.synth = HostPipeline(pool.source, synth_idx,
                                       batch_size=self.synth_batch, train=True, seed=seed + 1,
                                       mesh=mesh, **pipeline)
         self.steps_per_epoch = self.real.steps_per_epoch
