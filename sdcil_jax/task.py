@@ -60,7 +60,7 @@ class TaskRunner:
         self.plan = None  # a plan.training_plan(exp), for the projected time after each task starts
         self._logits_fn = None  # the jitted logits + features eval_fn (the head's shape is fixed)
         self._features_fns: dict[bool, Any] = {}  # flip -> jitted features-only eval_fn
-        self._steps: dict[tuple, Any] = {}  # (stage, batch maker, synthetic batch) -> jitted step
+        self._steps: dict[tuple, Any] = {}  # (stage, batch maker, old model?) -> jitted step
         self._run_pool: tuple[pool_lib.TaskPool, Any] | None = None  # (pool, device copy or None)
         cfg, ds = exp.config, exp.dataset
         self.mesh = parallel.make_mesh()
@@ -262,9 +262,7 @@ class TaskRunner:
         epochs = method.finetune_epochs(info) if finetune else self.exp.config.train.epochs
         spe = stream.steps_per_epoch
         tx, kind, base_lr = self._optimizer(finetune)
-        lr_fn = train_lib.lr_schedule(base_lr, kind, epochs * spe, spe)
-        if not callable(lr_fn):
-            lr_fn = (lambda lr: lambda step: lr)(lr_fn)
+        lr_fn = train_lib.lr_schedule(base_lr, kind, epochs * spe, spe)  # the logged lr
         step_fn = self._step_fn(stage, stream, state.old is not None and not finetune)
         args = parallel.put_replicated(train_lib.step_args(
             method, stream, train_lib.schedule_args(base_lr, epochs * spe, spe), info), self.mesh)
@@ -282,7 +280,7 @@ class TaskRunner:
         timing: dict[str, float] = {}
 
         def log_epoch(epoch, means):
-            lr = float(lr_fn(epoch * spe))
+            lr = float(lr_fn(epoch * spe) if callable(lr_fn) else lr_fn)
             self.saver.logger.log({"event": stage, "task": t, "epoch": epoch, **means, "lr": lr})
             self.saver.board.epoch(stage, means, lr, self.saver.position.global_step)
             if (stage == "train" and self.plan is not None and distributed.is_main()
