@@ -28,6 +28,12 @@ _EXTRA_TYPES: dict[str, tuple[type, ...]] = {
     "dataset.std": (list, tuple),
 }
 
+# Keys that were replaced: using one is refused with what to write instead.
+_REPLACED: dict[str, str] = {
+    "generation.memory_efficient_attention": (
+        "generation.attention='memory_efficient' (was True) or 'standard' (was False)"),
+}
+
 # Keys restricted to a set of values that no registry owns.
 _FIXED_CHOICES: dict[str, tuple[str, ...]] = {
     "dataset.pipeline": ("auto", "device", "host"),
@@ -45,10 +51,12 @@ def choices() -> dict[str, tuple[str, ...]]:
     ``method.name`` from :data:`sdcil_jax.methods.REGISTRY`, ``model.name`` from
     :data:`sdcil_jax.models.BACKBONES`, ``generation.backend`` / ``generation.scheduler`` from the
     generation backends and schedulers, ``generation.store_format`` from the store's codecs,
-    ``synthetic.use_in`` from the batch-stream masks (imported here, not at module load, so a
+    ``synthetic.use_in`` from the batch-stream masks, ``generation.attention`` from
+    :data:`sdcil_jax.generation.attention.KINDS` (imported here, not at module load, so a
     config file stays cheap to import).
     """
     from sdcil_jax.data.stream import USES
+    from sdcil_jax.generation.attention import KINDS
     from sdcil_jax.generation.backends import BACKENDS
     from sdcil_jax.generation.schedulers import SCHEDULERS
     from sdcil_jax.generation.shards import FORMATS
@@ -58,7 +66,8 @@ def choices() -> dict[str, tuple[str, ...]]:
     out = dict(_FIXED_CHOICES)
     out.update({"method.name": tuple(REGISTRY), "model.name": tuple(BACKBONES),
                 "generation.backend": tuple(BACKENDS), "generation.scheduler": tuple(SCHEDULERS),
-                "generation.store_format": tuple(FORMATS), "synthetic.use_in": tuple(USES)})
+                "generation.store_format": tuple(FORMATS), "synthetic.use_in": tuple(USES),
+                "generation.attention": tuple(KINDS)})
     return out
 
 
@@ -120,7 +129,11 @@ def base_config() -> ml_collections.ConfigDict:
         prompt_templates=["a photo of a {}"],
         per_class=500,
         batch_per_device=4,
-        memory_efficient_attention=False,  # chunked UNet attention: less memory, changes pixels
+        # UNet and VAE attention: 'auto' (fused on GPU/TPU, standard on CPU), 'standard' (diffusers'),
+        # 'memory_efficient' (diffusers' chunked UNet attention: less memory, slower, other pixels) or
+        # 'fused' (jax.nn.dot_product_attention: cuDNN flash attention on GPU); see
+        # sdcil_jax.generation.attention
+        attention="auto",
         store_dir="",  # '' = <workdir>/replay_store
         # How stored images are encoded: 'raw' (uint8), 'png' (lossless), 'jpeg' (quality 95, lossy)
         # or 'auto' (raw up to 64 px, jpeg above; see benchmarks/RESULTS.md).
@@ -195,6 +208,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     schema = _leaves(base_config())
     given = _leaves(config)
     unknown = sorted(set(given) - set(schema))
+    _refuse_replaced(unknown)
     if unknown:
         raise ConfigError(
             f"Unknown config key(s) {', '.join(unknown)}{_did_you_mean(unknown[0], schema)}; use one "
@@ -220,6 +234,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             )
     _check_ranges(config)
     return config
+
+
+def _refuse_replaced(keys: Sequence[str]) -> None:
+    for key in keys:
+        if key in _REPLACED:
+            raise ConfigError(f"Config key {key} was replaced; use {_REPLACED[key]}.")
 
 
 def _check_ranges(c: ml_collections.ConfigDict) -> None:
@@ -312,6 +332,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         if "=" not in item:
             raise ConfigError(f"Override {item!r} must look like --config.section.key=value.")
         key, text = item.split("=", 1)
+        _refuse_replaced([key])
         if key not in schema:
             raise ConfigError(
                 f"Unknown config key {key} in override{_did_you_mean(key, schema)}; use one of the "

@@ -304,9 +304,9 @@ def test_sd_backend_loads_a_saved_pipeline(tmp_path, device_runs):
 
 
 def test_memory_efficient_attention_is_an_option_of_the_unet(device_runs):
-    cfg = tiny_cfg(memory_efficient_attention=True)
+    cfg = tiny_cfg(attention="memory_efficient")
     model = load_model(cfg)
-    assert model.unet.use_memory_efficient_attention
+    assert model.unet.use_memory_efficient_attention and model.attention == "memory_efficient"
     assert not load_model(tiny_cfg()).unet.use_memory_efficient_attention
     images = Engine(model, cfg, seed=0, devices=jax.devices()[:1]).generate(
         0, ["a photo of a apple"], [0, 1, 2], SHAPE)

@@ -249,7 +249,7 @@ def test_config_choices_come_from_the_registries():
     assert choices()["generation.backend"] == tuple(BACKENDS) == ("sd", "tiny_sd", "real_holdout")
     assert choices()["generation.scheduler"] == SCHEDULERS
     config = base_config()
-    assert config.generation.scheduler == "pndm" and not config.generation.memory_efficient_attention
+    assert config.generation.scheduler == "pndm" and config.generation.attention == "auto"
     config.generation.scheduler = "euler"
     with pytest.raises(ConfigError, match="generation.scheduler.*pndm, ddim, dpm_solver"):
         validate(config)

@@ -98,11 +98,13 @@ _PROGRAMS: dict[tuple, _Program] = {}
 _MAX_PROGRAMS = 8
 
 
-def _build_program(unet, vae, table, guidance, out_hw_c, latent_shape, mesh) -> _Program:
+def _build_program(unet, vae, table, guidance, out_hw_c, latent_shape, mesh,
+                   attention: str = "standard") -> _Program:
     """``jit(shard_map(sample_images))``: replicated params/uncond/key, sharded per-image inputs,
-    replicated uint8 output (gathered on the devices)."""
+    replicated uint8 output (gathered on the devices); UNet and VAE attention as ``attention``."""
     images_fn = functools.partial(
-        sample_images, functools.partial(unet_predict, unet), functools.partial(vae_decode, vae),
+        sample_images, functools.partial(unet_predict, unet, attention=attention),
+        functools.partial(vae_decode, vae, attention=attention),
         table, guidance, out_hw_c, latent_shape)
     entry = _Program(fn=None, modules=(unet, vae))
 
@@ -192,11 +194,11 @@ class Engine:
         key = (id(self.model.unet), id(self.model.vae), t.name, t.timesteps.tobytes(),
                t.keep_base.tobytes(), t.p.tobytes(), t.q.tobytes(), t.a.tobytes(), t.c.tobytes(),
                self.guidance, out_hw_c, self.latent_shape, tuple(self.mesh.devices.flat),
-               self.per_device)
+               self.per_device, self.model.attention)
         entry = _PROGRAMS.get(key)
         if entry is None or entry.modules[0] is not self.model.unet:
             entry = _build_program(self.model.unet, self.model.vae, t, self.guidance, out_hw_c,
-                                   self.latent_shape, self.mesh)
+                                   self.latent_shape, self.mesh, self.model.attention)
             _PROGRAMS[key] = entry
             while len(_PROGRAMS) > _MAX_PROGRAMS:
                 _PROGRAMS.pop(next(iter(_PROGRAMS)))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdcil_jax.errors import GenerationError
+from sdcil_jax.generation.attention import attention_scope
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -86,6 +87,9 @@ class SDModel:
       scheduler_config: the model's noise schedule (``scheduler_config.json`` as a dict).
       params: ``{"text_encoder", "unet", "vae"}``: host (numpy) trees, floating leaves in ``dtype``.
       dtype: the compute and parameter dtype.
+      attention: the resolved ``generation.attention`` kind (``standard``, ``memory_efficient``
+        or ``fused``; see :mod:`sdcil_jax.generation.attention`); ``memory_efficient`` is also set
+        on ``unet`` as diffusers' flag.
     """
 
     tokenizer: Any
@@ -95,6 +99,7 @@ class SDModel:
     scheduler_config: dict
     params: dict
     dtype: Any
+    attention: str = "standard"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -125,11 +130,11 @@ class SDModel:
     def predict(self, unet_params: Any, x_BxCxhxw: jax.Array, t: jax.Array,
                 context_BxLxD: jax.Array) -> jax.Array:
         """See :func:`unet_predict`."""
-        return unet_predict(self.unet, unet_params, x_BxCxhxw, t, context_BxLxD)
+        return unet_predict(self.unet, unet_params, x_BxCxhxw, t, context_BxLxD, self.attention)
 
     def decode(self, vae_params: Any, latents_BxCxhxw: jax.Array) -> jax.Array:
         """See :func:`vae_decode`."""
-        return vae_decode(self.vae, vae_params, latents_BxCxhxw)
+        return vae_decode(self.vae, vae_params, latents_BxCxhxw, self.attention)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -138,17 +143,22 @@ def _encode_text(text_encoder: Any, text_params: Any, ids_NxL: jax.Array) -> jax
 
 
 def unet_predict(unet: Any, unet_params: Any, x_BxCxhxw: jax.Array, t: jax.Array,
-                 context_BxLxD: jax.Array) -> jax.Array:
-    """UNet output (B, C, h, w) at timestep ``t`` (scalar int) for text states; traceable."""
+                 context_BxLxD: jax.Array, attention: str = "standard") -> jax.Array:
+    """UNet output (B, C, h, w) at timestep ``t`` (scalar int) for text states; traceable.
+
+    ``attention``: the resolved kind (see :mod:`sdcil_jax.generation.attention`)."""
     timesteps = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x_BxCxhxw.shape[0],))
-    return unet.apply({"params": unet_params}, x_BxCxhxw, timesteps,
-                      encoder_hidden_states=context_BxLxD).sample
+    with attention_scope(attention):
+        return unet.apply({"params": unet_params}, x_BxCxhxw, timesteps,
+                          encoder_hidden_states=context_BxLxD).sample
 
 
-def vae_decode(vae: Any, vae_params: Any, latents_BxCxhxw: jax.Array) -> jax.Array:
+def vae_decode(vae: Any, vae_params: Any, latents_BxCxhxw: jax.Array,
+               attention: str = "standard") -> jax.Array:
     """Images (B, H, W, 3) float32 in [0, 1]: ``clip(vae.decode(z / scaling) / 2 + 1/2, 0, 1)``."""
     z = latents_BxCxhxw / vae.config.scaling_factor
-    images = vae.apply({"params": vae_params}, z, method=vae.decode).sample
+    with attention_scope(attention):
+        images = vae.apply({"params": vae_params}, z, method=vae.decode).sample
     images = jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
     return jnp.transpose(images, (0, 2, 3, 1))
 

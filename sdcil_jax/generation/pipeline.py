@@ -27,6 +27,7 @@ import os
 from typing import Any
 
 from sdcil_jax.errors import GenerationError
+from sdcil_jax.generation.attention import KINDS, resolve
 from sdcil_jax.generation.backends import BACKENDS, diffusion_backends
 from sdcil_jax.generation.model import (  # noqa: F401  (re-exported: the model API lives there)
     DTYPES,
@@ -44,8 +45,10 @@ FLAX_REVISION = "flax"  # generation.revision's default: float32 Flax weights of
 def load_model(gen_cfg: Any) -> SDModel:
     """Load the diffusion model named by ``gen_cfg.backend`` (``sd`` or ``tiny_sd``).
 
-    Applies ``gen_cfg.memory_efficient_attention`` to the UNet. Raises :class:`GenerationError` for
-    missing folders, unreachable hubs and unusable weights.
+    Applies ``gen_cfg.attention`` (resolved for JAX's default backend, see
+    :func:`sdcil_jax.generation.attention.resolve`): ``memory_efficient`` sets diffusers' flag on the
+    UNet; the kind is kept in :attr:`SDModel.attention`. Raises :class:`GenerationError` for missing
+    folders, unreachable hubs and unusable weights.
     """
     dtype_name = str(gen_cfg.dtype)
     if dtype_name not in DTYPES:
@@ -64,9 +67,19 @@ def load_model(gen_cfg: Any) -> SDModel:
         model = tiny_model(dtype_name)
     else:
         model = _load_sd(str(gen_cfg.model), effective_revision(gen_cfg), DTYPES[dtype_name])
-    if bool(gen_cfg.get("memory_efficient_attention", False)):
+    kind = attention_kind(gen_cfg)
+    if kind == "memory_efficient":
         model = dataclasses.replace(model, unet=model.unet.clone(use_memory_efficient_attention=True))
-    return model
+    return dataclasses.replace(model, attention=kind)
+
+
+def attention_kind(gen_cfg: Any, platform: str | None = None) -> str:
+    """``generation.attention`` resolved for ``platform`` (default: JAX's default backend)."""
+    kind = str(gen_cfg.get("attention", "auto"))
+    if kind not in KINDS:
+        raise GenerationError(
+            f"generation.attention={kind!r} is not supported; use one of {', '.join(KINDS)}.")
+    return resolve(kind, platform)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from sdcil_jax import distributed, fileio
 from sdcil_jax.errors import GenerationError
 from sdcil_jax.generation.backends import BACKENDS
 from sdcil_jax.generation.engine import ClassJob, Engine, plan_steps
-from sdcil_jax.generation.pipeline import effective_revision, load_model
+from sdcil_jax.generation.pipeline import attention_kind, effective_revision, load_model
 from sdcil_jax.generation.prompts import prompts_for_indices
 from sdcil_jax.generation.shards import format_field, resolve_format
 from sdcil_jax.generation.store import ReplayStore
@@ -95,9 +95,12 @@ def fingerprint_fields(
             guidance_scale=float(gen_cfg.guidance_scale),
             resolution=int(gen_cfg.resolution),
             batch_per_device=int(gen_cfg.batch_per_device),  # the micro-batch changes bf16 pixels
-            memory_efficient_attention=bool(gen_cfg.get("memory_efficient_attention", False)),
+            # chunked attention changes pixels: a field (its old name keeps old stores' fingerprints)
+            memory_efficient_attention=attention_kind(gen_cfg) == "memory_efficient",
             seed=int(seed),
         )
+        if attention_kind(gen_cfg) == "fused":  # bf16 pixels move by several levels: a field,
+            fields["attention"] = "fused"  # absent otherwise (stores filled before it keep theirs)
         if backend.pretrained:  # tiny_sd is built in code: model and revision do not apply
             fields.update(model=str(gen_cfg.model), revision=effective_revision(gen_cfg))
     fields.update(dict(extra or {}))

@@ -122,6 +122,36 @@ def tiny_model(dtype_name: str) -> SDModel:
                    dict(SD_V1_SCHEDULE), _cast(params, dtype), dtype)
 
 
+@functools.lru_cache(maxsize=2)
+def tiny_sd14_model(dtype_name: str) -> SDModel:
+    """SD v1.4's block structure at small width, random weights (attention tests, CPU benchmarks).
+
+    UNet: diffusers' default (SD v1.4) blocks: three CrossAttnDownBlock2D and a DownBlock2D, a
+    cross-attention mid block, an UpBlock2D and three CrossAttnUpBlock2D, 2 layers per block, 8
+    heads, but ``block_out_channels=(32, 32, 64, 64)`` (SD: 320, 640, 1280, 1280) and 32-d
+    cross-attention (the tiny text encoder's width). VAE: SD's four levels (so 8x down-sampling) with
+    2 layers per block at ``(32, 32, 64, 64)`` channels (SD: 128, 256, 512, 512). The tokenizer and
+    text encoder are the tiny model's.
+    """
+    _, unet_cls, vae_cls, _ = _diffusers()
+    tokenizer, _, _, _, tiny_params = _tiny_float32()
+    channels = (32, 32, 64, 64)
+    unet = unet_cls(block_out_channels=channels, layers_per_block=2, sample_size=8,
+                    cross_attention_dim=32, attention_head_dim=8)
+    vae = vae_cls(block_out_channels=channels, latent_channels=4, layers_per_block=2,
+                  down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)
+    key = jax.random.PRNGKey(_TINY_SEED)
+    params = {"unet": _random_params(jax.eval_shape(unet.init_weights, key), _TINY_SEED + 10),
+              "vae": _random_params(jax.eval_shape(vae.init_weights, key), _TINY_SEED + 11),
+              "text_encoder": tiny_params["text_encoder"]}
+    _silence_flax_deprecation()
+    small = tiny_model(dtype_name)
+    dtype = DTYPES[dtype_name]
+    return SDModel(tokenizer, small.text_encoder, unet.clone(dtype=dtype), vae.clone(dtype=dtype),
+                   dict(SD_V1_SCHEDULE), _cast(params, dtype), dtype)
+
+
 def save_tiny_pipeline(path: str) -> str:
     """Write the tiny model (float32) with diffusers' ``save_pretrained``; ``sd`` loads the folder."""
     pipeline_cls, _, _, scheduler_cls = _diffusers()
