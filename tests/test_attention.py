@@ -145,3 +145,21 @@ def test_fingerprint_records_fused_and_memory_efficient():
     assert fields("fused") == {**fields("standard"), "attention": "fused"}
     assert fields("memory_efficient")["memory_efficient_attention"] is True
     assert fields("fused")["memory_efficient_attention"] is False
+
+
+def test_memory_plan_line_from_the_compiled_program():
+    """The plan's memory line: bytes at batch_per_device and the largest micro-batch that fits a
+    device of the given capacity; nothing on CPU, which reports no capacity."""
+    from sdcil_jax.generation.memory import GIB, memory_plan
+
+    for kind in ("standard", "fused"):
+        engine = Engine(load_model(gen_cfg(attention=kind, resolution=16)), gen_cfg(resolution=16),
+                        seed=0, devices=jax.devices()[:2])
+        assert memory_plan(engine, (8, 8, 3)) == ""  # CPU: no bytes_limit, nothing compiled
+        assert engine.traces == 0
+        line = memory_plan(engine, (8, 8, 3), capacity=GIB)
+        print(line)
+        assert line.startswith("plan: device memory ") and "batch_per_device=2" in line
+        assert f"{kind} attention" in line
+        largest = int(line.rsplit(": ", 1)[1])
+        assert largest > 2

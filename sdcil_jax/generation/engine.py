@@ -204,6 +204,20 @@ class Engine:
                 _PROGRAMS.pop(next(iter(_PROGRAMS)))
         return entry
 
+    def lower(self, out_hw_c: Sequence[int], per_device: int | None = None):
+        """The program for images ``out_hw_c`` lowered (not run) at ``per_device`` images per
+        device (default ``batch_per_device``): ``.compile().memory_analysis()`` sizes it."""
+        b = self.per_device if per_device is None else int(per_device)
+        n, text = b * self.n_devices, self._uncond_state()
+
+        def spec(shape, dtype, sharding):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        return self.program(out_hw_c).lower(
+            self._params, spec(text.shape, text.dtype, self._replicated), self._key,
+            spec((n, *text.shape), text.dtype, self._sharded),
+            *(spec((n,), np.uint32, self._sharded) for _ in range(2)))
+
     def _dispatch(self, program, groups, jobs, states, uncond) -> jax.Array:
         """Launch one global step (asynchronously); returns its replicated uint8 output."""
         B = self.per_device

@@ -32,6 +32,7 @@ from sdcil_jax import distributed, fileio
 from sdcil_jax.errors import GenerationError
 from sdcil_jax.generation.backends import BACKENDS
 from sdcil_jax.generation.engine import ClassJob, Engine, plan_steps
+from sdcil_jax.generation.memory import memory_plan
 from sdcil_jax.generation.pipeline import attention_kind, effective_revision, load_model
 from sdcil_jax.generation.prompts import prompts_for_indices
 from sdcil_jax.generation.shards import format_field, resolve_format
@@ -353,6 +354,9 @@ def _fill_generated(store, store_dir, gen_cfg, seed, plan, names, image_shape, p
         agreement.point()
 
     if engine is not None:
+        line = memory_plan(engine, image_shape) if distributed.is_main() else ""
+        if line:
+            print(line, flush=True)
         try:
             stats = engine.run(jobs, image_shape, write, progress=progress and distributed.is_main(),
                                on_step=on_step)
