@@ -46,6 +46,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from machine import cpu_model  # noqa: E402  (benchmarks/ is the script folder)
+from mfu import image_flops, mfu_text, with_attention  # noqa: E402
 
 from sdcil_jax.config import base_config, load_config_file  # noqa: E402
 from sdcil_jax.generation import Engine, load_model, to_uint8  # noqa: E402
@@ -62,7 +63,6 @@ def gen_config(args, scheduler: str, steps: int):
     g.backend, g.dtype, g.scheduler = args.backend, args.dtype, scheduler
     g.resolution, g.num_inference_steps = args.resolution, steps
     g.batch_per_device, g.guidance_scale = args.batch_per_device, args.guidance
-    g.memory_efficient_attention = args.memory_efficient_attention
     if args.model:
         g.model = args.model
     return g
@@ -206,6 +206,13 @@ def breakdown(model, args, diffusers_step_s: float, repeats: int) -> None:
           f"took {model_s / diffusers_step_s:.2f} of diffusers' whole call)")
 
 
+def engine_calls(args) -> int:
+    """UNet calls per image of the head-to-head's scheduler and steps."""
+    from sdcil_jax.generation.schedulers import SD_V1_SCHEDULE, solver_table
+
+    return solver_table(args.scheduler, SD_V1_SCHEDULE, args.num_inference_steps).num_evaluations
+
+
 def projections(rate: float, label: str) -> list[str]:
     lines = []
     for spec, total in (("configs/cifar100.py", 100), ("configs/cifar100.py:steps=10", 100),
@@ -261,14 +268,14 @@ def sd14_random_model(dtype_name: str, mea: bool = False):
                    dtype)
 
 
-def memory_sd14(batches: list[int], dtype_name: str, mea: bool) -> None:
+def memory_sd14(batches: list[int], dtype_name: str, kinds: list[str]) -> None:
     """Compile the per-device program of SD v1.4's architecture at 512 px (abstract weights) and
     print XLA's buffer sizes (CPU backend: a compiler estimate, not a TPU/GPU measurement)."""
     from sdcil_jax.generation.pipeline import DTYPES
     from sdcil_jax.generation.schedulers import SD_V1_SCHEDULE
 
     dtype = DTYPES[dtype_name]
-    unet, vae = sd14_modules(dtype, mea)
+    unet, vae = sd14_modules(dtype)
     key = jax.random.PRNGKey(0)
 
     def cast(tree):
@@ -286,14 +293,17 @@ def memory_sd14(batches: list[int], dtype_name: str, mea: bool) -> None:
           f"(decoder {decoder / 1e6:.1f} M); CLIP ViT-L/14 text encoder 123.1 M (not in the program)")
 
     from sdcil_jax.generation import pipeline as sd
+    from sdcil_jax.generation.attention import resolve
     from sdcil_jax.generation.sampler import sample_images
     from sdcil_jax.generation.schedulers import solver_table
 
     table = solver_table("pndm", SD_V1_SCHEDULE, 50)
-    for b in batches:
-        fn = jax.jit(lambda p, k, cond, unc, c, i: sample_images(
-            lambda up, x, t, ctx: sd.unet_predict(unet, up, x, t, ctx),
-            lambda vp, z: sd.vae_decode(vae, vp, z), table, 2.0, (32, 32, 3), (4, 64, 64),
+    for kind, b in ((kind, b) for kind in kinds for b in batches):
+        att = resolve(kind)
+        u = unet.clone(use_memory_efficient_attention=att == "memory_efficient")
+        fn = jax.jit(lambda p, k, cond, unc, c, i, u=u, att=att: sample_images(
+            lambda up, x, t, ctx: sd.unet_predict(u, up, x, t, ctx, att),
+            lambda vp, z: sd.vae_decode(vae, vp, z, att), table, 2.0, (32, 32, 3), (4, 64, 64),
             p, k, cond, unc, c, i))
         args = (params, jax.ShapeDtypeStruct((2,), np.uint32),
                 jax.ShapeDtypeStruct((b, 77, 768), dtype), jax.ShapeDtypeStruct((77, 768), dtype),
@@ -301,7 +311,7 @@ def memory_sd14(batches: list[int], dtype_name: str, mea: bool) -> None:
         start = time.perf_counter()
         stats = fn.lower(*args).compile().memory_analysis()
         gib = 1 << 30
-        print(f"  batch_per_device={b} ({dtype_name}, memory_efficient_attention={mea}): "
+        print(f"  batch_per_device={b} ({dtype_name}, attention={kind} -> {att}): "
               f"arguments {stats.argument_size_in_bytes / gib:.2f} GiB, temporaries "
               f"{stats.temp_size_in_bytes / gib:.2f} GiB, output "
               f"{stats.output_size_in_bytes / 2**20:.2f} MiB (compiled in "
@@ -310,8 +320,10 @@ def memory_sd14(batches: list[int], dtype_name: str, mea: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="tiny_sd", choices=["tiny_sd", "sd", "sd14_random"],
-                        help="sd14_random: SD v1.4's architecture, random weights (speed only)")
+    parser.add_argument("--backend", default="tiny_sd",
+                        choices=["tiny_sd", "sd", "sd14_random", "tiny_sd14"],
+                        help="sd14_random: SD v1.4's architecture, random weights (speed only); "
+                             "tiny_sd14: its block structure at small width (CPU smoke runs)")
     parser.add_argument("--model", default="", help="hub id or local folder (backend sd)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--resolution", type=int, default=64)
@@ -326,15 +338,16 @@ def main() -> None:
     parser.add_argument("--scheduler-steps", default="pndm=50,ddim=50,dpm_solver=20",
                         help="'' skips the scheduler rows (projections then use the engine's rate)")
     parser.add_argument("--scheduler-steps-per-run", type=int, default=1)
-    parser.add_argument("--memory-efficient-attention", action="store_true")
+    parser.add_argument("--attention", default="auto",
+                        help="comma list of generation.attention kinds to time, e.g. standard,fused")
     parser.add_argument("--memory-sd14", default="", help="e.g. 1,2,4: XLA buffer sizes, then exit")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                         help="skip the per-part timing of one device's step")
     args = parser.parse_args()
     args.out_shape = tuple(int(v) for v in args.out_shape.split(","))
+    kinds = args.attention.split(",")
     if args.memory_sd14:
-        memory_sd14([int(b) for b in args.memory_sd14.split(",")], args.dtype,
-                    args.memory_efficient_attention)
+        memory_sd14([int(b) for b in args.memory_sd14.split(",")], args.dtype, kinds)
         return
 
     devices = jax.local_devices()
@@ -347,17 +360,31 @@ def main() -> None:
     cfg = gen_config(args, args.scheduler, args.num_inference_steps)
     if args.backend == "sd14_random":
         start = time.perf_counter()
-        model = sd14_random_model(args.dtype, args.memory_efficient_attention)
+        model = sd14_random_model(args.dtype)
         print(f"SD v1.4 architecture, random weights, built in {time.perf_counter() - start:.0f} s")
+    elif args.backend == "tiny_sd14":
+        from sdcil_jax.generation.tiny import tiny_sd14_model
+
+        model = tiny_sd14_model(args.dtype)
     else:
         model = load_model(cfg)
+    calls = engine_calls(args)
+    flops = image_flops(model, args.resolution, calls)
+    print(f"XLA's count: {flops / 1e12:.4g} TFLOP per image ({calls} UNet calls on 2 latents + VAE "
+          "decode)")
+    variants = {kind: with_attention(model, kind) for kind in kinds}
+    model = variants[kinds[0]]  # diffusers' rows and the scheduler rows
 
     counts = [1, len(devices)] if len(devices) > 1 else [1]
     for n in counts:
         subset = devices[:n]
         n_img = args.steps_per_run * n * args.batch_per_device
         fns = diffusers_runs(model, args, args.scheduler, args.num_inference_steps, n_img, subset)
-        engine, fns["project"] = project_run(model, cfg, args, n_img, subset)
+        engines = {}
+        for kind, variant in variants.items():
+            engines[kind], fns[f"project:{kind}"] = project_run(variant, cfg, args, n_img, subset)
+        fns["project"] = fns[f"project:{kinds[0]}"]
+        engine = engines[kinds[0]]
         for fn in fns.values():  # warm-up: compiles, outside the counted section
             fn()
         with CompileCounter() as compiles:
@@ -374,6 +401,12 @@ def main() -> None:
         for label, key, note in rows:
             wall, cpu = t[key]
             print(f"  {label:36s} {n_img / wall:8.2f} | {n_img / cpu:8.2f}   {note}")
+        print(f"Attention kinds, project Engine.run (img/s wall, achieved model FLOP/s, MFU of "
+              f"{n} x {subset[0].device_kind}):")
+        for kind in kinds:
+            rate = n_img / t[f"project:{kind}"][0]
+            print(f"  {kind:16s} -> {variants[kind].attention:16s} {rate:8.2f} img/s  "
+                  f"{mfu_text(rate, flops, subset)}")
         for key in ("diffusers", "diffusers+uint8"):
             print(f"  ratio project / {key:16s} {t[key][0] / t['project'][0]:.2f}x wall, "
                   f"{t[key][1] / t['project'][1]:.2f}x CPU")
