@@ -129,7 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
         prompt_templates=["a photo of a {}"],
         per_class=500,
         batch_per_device=4,
-        # UNet and VAE attention: 'auto' (fused on GPU/TPU, standard on CPU), 'standard' (diffusers'),
+        # UNet and VAE attention: 'auto' (fused on GPU, standard on TPU/CPU), 'standard' (diffusers'),
         # 'memory_efficient' (diffusers' chunked UNet attention: less memory, slower, other pixels) or
         # 'fused' (jax.nn.dot_product_attention: cuDNN flash attention on GPU); see
         # sdcil_jax.generation.attention

@@ -13,14 +13,17 @@ Kinds (:data:`KINDS`):
   ``q, k, v = query(x), key(ctx), value(ctx)`` of shape (B, T|S, heads, d) and ``s = 1 / sqrt(d)``.
   On a GPU in bfloat16/float16 it asks for cuDNN's flash attention (``implementation='cudnn'``;
   shapes cuDNN refuses, e.g. the VAE's single 512-wide head on pre-Hopper GPUs, fall back to XLA's
-  implementation at trace time); elsewhere XLA's implementation (``implementation='xla'``), which on
-  CPU is the same einsum / float32-softmax / einsum as ``standard``. TPU: XLA's implementation too.
-  JAX's Pallas TPU flash-attention kernel wants sequence lengths in multiples of its 128 blocks and is
-  not used: SD's 77-token cross-attention keys and 40/80/160-wide heads need padding that has not been
-  measured on a TPU (none was lent), so the TPU path is left to XLA's fusion.
-- ``auto`` (default): ``fused`` on GPU and TPU (the fused kernel is the fast path there), ``standard``
-  on CPU, where both run the same XLA ops (``fused`` buys nothing) and ``standard`` keeps the bytes of
-  stores filled before this option existed.
+  implementation at trace time); elsewhere XLA's implementation (``implementation='xla'``): einsum,
+  softmax, einsum as ``standard`` but with float32 logits and softmax whatever the input dtype.
+  TPU: XLA's implementation too. JAX's Pallas TPU flash-attention kernel wants sequence lengths in
+  multiples of its 128 blocks and is not used: SD's 77-token cross-attention keys and 40/80/160-wide
+  heads need padding that has not been measured on a TPU (none was lent).
+- ``auto`` (default): ``fused`` on GPU, where it reaches cuDNN's flash kernel (the score matrix is
+  never stored); ``standard`` on TPU and CPU, where ``fused`` is XLA's implementation, which keeps the
+  logits in float32 and so needs *more* memory than diffusers' bfloat16 scores: XLA's buffer
+  assignment for SD v1.4 at 512 px, one image per device, bfloat16 (``benchmarks/generation.py
+  --memory-sd14 1 --attention standard,fused``, CPU compile) gives 6.46 GiB of temporaries with
+  ``fused`` against 4.58 GiB with ``standard``. Its TPU speed is not measured (no TPU lent).
 
 The weights stay diffusers' Flax weights: ``fused`` reads the same ``query``/``key``/``value``/
 ``proj_attn`` Dense parameters (``to_q``, ``to_k``, ``to_v``, ``to_out_0`` in the UNet).
@@ -60,13 +63,13 @@ FUSED_TRACES: collections.Counter = collections.Counter()
 
 def resolve(kind: str, platform: str | None = None) -> str:
     """The kind actually run for ``generation.attention=kind`` on ``platform`` (default: JAX's
-    default backend): ``auto`` -> ``fused`` on 'gpu'/'tpu', ``standard`` elsewhere."""
+    default backend): ``auto`` -> ``fused`` on 'gpu', ``standard`` elsewhere (module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"generation.attention={kind!r} is not one of {', '.join(KINDS)}")
     if kind != "auto":
         return kind
     platform = platform or jax.default_backend()
-    return "fused" if platform in ("gpu", "cuda", "rocm", "tpu") else "standard"
+    return "fused" if platform in ("gpu", "cuda", "rocm") else "standard"
 
 
 def _implementation(dtype: Any) -> str:
