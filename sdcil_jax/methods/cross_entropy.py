@@ -46,6 +46,11 @@ class CrossEntropyMethod(Method):
         mask = heads.trainable_mask_linear(updates["head"]["b"].shape[0], 0, args["num_seen"])
         return dict(updates, head=heads.mask_updates(updates["head"], mask))
 
+    def finetune_update_mask(self, head_updates, args=None):
+        """Every seen class's column (none of these methods finetunes by default)."""
+        args = self._args(args)
+        return heads.trainable_mask_linear(head_updates["b"].shape[0], 0, args["num_seen"])
+
 
 class Finetune(CrossEntropyMethod):
     name = "finetune"
